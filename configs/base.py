@@ -1,0 +1,167 @@
+"""Paper defaults for OANet (CVPR 2019) on COCO panoptic, ResNet-50 + FPN.
+
+Values follow ../shared/DESIGN.md: detectron2's Base-RCNN-FPN where the paper is silent, and the
+paper's section 4.2 for the solver and inference. Other configs start from `get_config()` here and
+override fields; a field exists under the same name in every config.
+"""
+
+import math
+
+import ml_collections
+
+
+def _split(image_dir: str, panoptic_json: str, panoptic_dir: str, instances_json: str):
+    """One COCO-panoptic-format split: the folders and files the reader needs."""
+    return ml_collections.ConfigDict(
+        {
+            "image_dir": image_dir,
+            "panoptic_json": panoptic_json,
+            "panoptic_dir": panoptic_dir,
+            # Optional COCO instances JSON (full, overlapping masks). Empty string: instance
+            # masks come from the panoptic segments (non-overlapping).
+            "instances_json": instances_json,
+        }
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the base (paper default) configuration."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ----------------------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    # 'coco_panoptic': raw COCO-format folders (any dataset in COCO panoptic format);
+    # 'tfds': TFDS `coco/2017_panoptic` prepared by the user under `tfds_data_dir`.
+    d.source = "coco_panoptic"
+    d.root = "data/coco"
+    d.train = _split(
+        "train2017",
+        "annotations/panoptic_train2017.json",
+        "annotations/panoptic_train2017",
+        "annotations/instances_train2017.json",
+    )
+    d.eval = _split(
+        "val2017",
+        "annotations/panoptic_val2017.json",
+        "annotations/panoptic_val2017",
+        "annotations/instances_val2017.json",
+    )
+    d.tfds_name = "coco/2017_panoptic"
+    d.tfds_data_dir = ""
+    # Resize as detectron2's ResizeShortestEdge: shorter side to one of `min_size_train`
+    # (chosen at random per image in training), longer side at most `max_size`.
+    d.min_size_train = (800,)
+    d.min_size_test = 800
+    d.max_size = 1333
+    # Fixed padded image size [H, W] seen by every jitted function (multiple of 32).
+    d.image_size = (1344, 1344)
+    d.max_instances = 100  # ground truth padded to this many instances, with a `valid` mask
+    d.mask_size = 112  # instance masks cropped to their box at this size (TPU Mask R-CNN)
+    d.random_flip = True
+    # detectron2 defaults: BGR channel order, mean subtracted, std 1.
+    d.channel_order = "BGR"
+    d.pixel_mean = (103.53, 116.28, 123.675)
+    d.pixel_std = (1.0, 1.0, 1.0)
+    d.shuffle_buffer = 1024
+    d.prefetch = 2
+    # Bad records: False raises an error naming the file and record; True skips and counts.
+    d.skip_bad_records = False
+    # An image with no segment at all: kept (it still trains the stuff/void pixels) unless False.
+    d.keep_empty_images = True
+
+    # ---------------------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.backbone = "resnet50"  # resnet50 | resnet101 | resnet18 | resnet34 | tiny
+    m.norm = "frozen_bn"  # frozen_bn | group_norm | batch_norm
+    m.freeze_at = 2  # stem + res2 frozen, as detectron2
+    m.fpn_channels = 256
+    m.num_thing_classes = 80
+    m.num_stuff_classes = 53
+    m.compute_dtype = "float32"  # float32 | bfloat16
+    m.param_dtype = "float32"
+    # Anchors / RPN
+    m.anchor_sizes = (32, 64, 128, 256, 512)
+    m.anchor_aspect_ratios = (0.5, 1.0, 2.0)
+    m.anchor_offset = 0.0  # detectron2's DefaultAnchorGenerator offset
+    m.rpn_pre_nms_topk_train = 2000
+    m.rpn_pre_nms_topk_test = 1000
+    m.rpn_post_nms_topk_train = 1000
+    m.rpn_post_nms_topk_test = 1000
+    m.rpn_nms_thresh = 0.7
+    m.rpn_iou_thresholds = (0.3, 0.7)
+    m.rpn_batch_size_per_image = 256
+    m.rpn_positive_fraction = 0.5
+    m.rpn_box_weights = (1.0, 1.0, 1.0, 1.0)
+    m.rpn_smooth_l1_beta = 0.0
+    # RoI heads
+    m.roi_batch_size_per_image = 512
+    m.roi_positive_fraction = 0.25
+    m.roi_iou_threshold = 0.5
+    m.roi_box_weights = (10.0, 10.0, 5.0, 5.0)
+    m.roi_smooth_l1_beta = 0.0
+    m.box_head_fc_dim = 1024
+    m.box_pooler_resolution = 7
+    m.mask_pooler_resolution = 14
+    m.mask_head_conv_dim = 256
+    m.mask_head_num_convs = 4
+    m.pooler_sampling_ratio = 0
+    m.pooler_aligned = True
+    m.bbox_reg_clamp = math.log(1000.0 / 16)
+    m.test_score_thresh = 0.05
+    m.test_nms_thresh = 0.5
+    m.test_detections_per_image = 100
+    # Stuff head (paper Fig. 3)
+    m.stuff_head_channels = 128
+    m.stuff_head_norm = "group_norm"
+    # Spatial ranking module
+    m.srm_kernel = "large"  # large (1x7/7x1 GCN block) | 3x3 | 1x1
+    m.srm_kernel_size = 7
+    m.srm_stride = 4  # SRM canvas at this output stride
+    m.srm_train_on_predictions = False  # train the SRM on predicted masks instead of GT
+
+    # ---------------------------------------------------------------------------- loss
+    c.loss = ml_collections.ConfigDict()
+    c.loss.seg_weight = 0.25  # lambda of Eq. 1 (Table 1)
+    c.loss.srm_weight = 1.0
+    c.loss.ignore_label = 255
+
+    # ---------------------------------------------------------------------------- train
+    t = c.train = ml_collections.ConfigDict()
+    t.batch_size = 16  # global batch
+    t.num_steps = 100_000
+    t.base_lr = 0.02
+    t.warmup_steps = 2000
+    t.warmup_init_lr = 0.002
+    t.lr_decay_steps = (60_000, 80_000)
+    t.lr_decay_factor = 0.1
+    t.momentum = 0.9
+    t.weight_decay = 1e-4
+    t.weight_decay_norm = 0.0
+    t.grad_clip_norm = 0.0  # 0 disables
+    t.on_nonfinite = "error"  # error | skip
+    t.log_every_steps = 20
+    t.init_checkpoint = ""  # converted torchvision / ImageNet weights (orbax dir)
+
+    # -------------------------------------------------------------------------- sharding
+    s = c.sharding = ml_collections.ConfigDict()
+    s.mesh_shape = (-1, 1)  # ('data', 'model'); -1 = all remaining devices
+    s.mesh_axes = ("data", "model")
+    s.shard_params = False  # FSDP-style parameter sharding on 'model'
+    s.distributed = False  # call jax.distributed.initialize()
+
+    # ------------------------------------------------------------------------ checkpoint
+    k = c.checkpoint = ml_collections.ConfigDict()
+    k.every_steps = 5000
+    k.keep = 3
+    k.async_save = True
+
+    # ----------------------------------------------------------------------------- eval
+    e = c.eval = ml_collections.ConfigDict()
+    e.batch_size = 8
+    e.overlap_threshold = 0.5
+    e.stuff_area_limit = 4900
+    e.instance_score_thresh = 0.5
+    e.mask_threshold = 0.5
+    e.orderings = ("score", "srm")
+    return c

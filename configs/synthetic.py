@@ -1,0 +1,67 @@
+"""The embedded default: OANet on the synthetic occlusion dataset, trainable on a 2-core CPU.
+
+The dataset is made by `scripts/make_synthetic.py --out data/synthetic` (COCO panoptic format:
+`{train,val}/images`, `{train,val}/panoptic/*.png`, `{train,val}/panoptic.json`,
+`{train,val}/instances.json`, and `categories.json`).
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def synthetic_split(root: str, split: str) -> ml_collections.ConfigDict:
+    """The paths of one split written by the synthetic generator, relative to `data.root`."""
+    del root
+    return base._split(
+        f"{split}/images", f"{split}/panoptic.json", f"{split}/panoptic", f"{split}/instances.json"
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the synthetic-dataset configuration (small backbone, 128x128 images)."""
+    c = base.get_config()
+    c.data.root = "data/synthetic"
+    c.data.train = synthetic_split(c.data.root, "train")
+    c.data.eval = synthetic_split(c.data.root, "val")
+    c.data.synthetic_num_images = 1000
+    c.data.synthetic_num_val_images = 100
+    c.data.synthetic_size = (128, 128)
+    c.data.min_size_train = (128,)
+    c.data.min_size_test = 128
+    c.data.max_size = 128
+    c.data.image_size = (128, 128)
+    c.data.max_instances = 16
+    c.data.mask_size = 32
+    c.data.shuffle_buffer = 256
+
+    m = c.model
+    m.backbone = "resnet18"
+    m.norm = "group_norm"
+    m.freeze_at = 0
+    m.fpn_channels = 64
+    m.num_thing_classes = 4
+    m.num_stuff_classes = 3
+    m.anchor_sizes = (8, 16, 32, 64, 128)
+    m.rpn_pre_nms_topk_train = 512
+    m.rpn_pre_nms_topk_test = 256
+    m.rpn_post_nms_topk_train = 128
+    m.rpn_post_nms_topk_test = 64
+    m.rpn_batch_size_per_image = 128
+    m.roi_batch_size_per_image = 64
+    m.box_head_fc_dim = 256
+    m.mask_head_conv_dim = 64
+    m.stuff_head_channels = 32
+    m.test_detections_per_image = 16
+
+    t = c.train
+    t.batch_size = 8
+    t.num_steps = 1500
+    t.warmup_steps = 100
+    t.lr_decay_steps = (1000, 1300)
+    t.log_every_steps = 10
+
+    c.checkpoint.every_steps = 500
+    c.eval.batch_size = 8
+    c.eval.stuff_area_limit = 64  # 4900 px at COCO scale ~ 64 px at 128x128
+    return c

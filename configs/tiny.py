@@ -1,0 +1,44 @@
+"""A tiny configuration for tests: small images, narrow network, a few steps."""
+
+import ml_collections
+
+from configs import synthetic
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the tiny test configuration (64x64 synthetic images)."""
+    c = synthetic.get_config()
+    c.data.root = "data/synthetic_tiny"
+    c.data.synthetic_num_images = 16
+    c.data.synthetic_num_val_images = 8
+    c.data.synthetic_size = (64, 64)
+    c.data.min_size_train = (64,)
+    c.data.min_size_test = 64
+    c.data.max_size = 64
+    c.data.image_size = (64, 64)
+    c.data.max_instances = 8
+    c.data.mask_size = 16
+    c.data.shuffle_buffer = 16
+
+    m = c.model
+    m.backbone = "tiny"
+    m.fpn_channels = 16
+    m.rpn_pre_nms_topk_train = 128
+    m.rpn_pre_nms_topk_test = 64
+    m.rpn_post_nms_topk_train = 32
+    m.rpn_post_nms_topk_test = 16
+    m.rpn_batch_size_per_image = 32
+    m.roi_batch_size_per_image = 16
+    m.box_head_fc_dim = 32
+    m.mask_head_conv_dim = 16
+    m.mask_head_num_convs = 2
+    m.stuff_head_channels = 8
+    m.test_detections_per_image = 8
+
+    c.train.batch_size = 8
+    c.train.num_steps = 4
+    c.train.warmup_steps = 2
+    c.train.lr_decay_steps = (3,)
+    c.checkpoint.every_steps = 2
+    c.eval.batch_size = 4
+    return c

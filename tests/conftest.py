@@ -1,0 +1,36 @@
+"""Test setup: 8 fake CPU devices for sharding tests, and torch imported before tensorflow.
+
+Importing tensorflow before torch (or triton) segfaults on this machine, so torch goes first when
+it is installed. XLA_FLAGS must be set before jax initialises its backends.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+try:  # torch is a test-only numerical oracle; import it before tensorflow.
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:  # pragma: no cover - tests that need it skip via importorskip
+    pass
+
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The real COCO panoptic sample lives in the shared folder beside the repository.
+COCO_SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+
+
+@pytest.fixture(scope="session")
+def coco_sample_dir() -> pathlib.Path:
+    """Path to the real two-image COCO panoptic sample (skips if absent)."""
+    if not COCO_SAMPLE.exists():
+        pytest.skip(f"COCO sample not found at {COCO_SAMPLE}")
+    return COCO_SAMPLE
