@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.rpn_post_nms_topk_train = 1000
     m.rpn_post_nms_topk_test = 1000
     m.rpn_nms_thresh = 0.7
+    m.rpn_min_size = 0.0  # torchvision: 1e-3
     m.rpn_iou_thresholds = (0.3, 0.7)
     m.rpn_batch_size_per_image = 256
     m.rpn_positive_fraction = 0.5
@@ -107,10 +108,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.mask_head_num_convs = 4
     m.pooler_sampling_ratio = 0
     m.pooler_aligned = True
+    m.pooler_level_mapper = "detectron2"  # or "torchvision" (parity tests)
     m.bbox_reg_clamp = math.log(1000.0 / 16)
     m.test_score_thresh = 0.05
     m.test_nms_thresh = 0.5
     m.test_detections_per_image = 100
+    m.test_min_size = 0.0  # torchvision: 1e-2
+    m.test_max_candidates = 2048  # static size of the detection NMS input (see roi_heads)
     # Stuff head (paper Fig. 3)
     m.stuff_head_channels = 128
     m.stuff_head_norm = "group_norm"
@@ -118,7 +122,6 @@ def get_config() -> ml_collections.ConfigDict:
     m.srm_kernel = "large"  # large (1x7/7x1 GCN block) | 3x3 | 1x1
     m.srm_kernel_size = 7
     m.srm_stride = 4  # SRM canvas at this output stride
-    m.srm_train_on_predictions = False  # train the SRM on predicted masks instead of GT
 
     # ---------------------------------------------------------------------------- loss
     c.loss = ml_collections.ConfigDict()

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.mask_head_conv_dim = 64
     m.stuff_head_channels = 32
     m.test_detections_per_image = 16
+    m.test_max_candidates = 256
 
     t = c.train
     t.batch_size = 8

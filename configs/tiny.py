@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.mask_head_num_convs = 2
     m.stuff_head_channels = 8
     m.test_detections_per_image = 8
+    m.test_max_candidates = 64
 
     c.train.batch_size = 8
     c.train.num_steps = 4
