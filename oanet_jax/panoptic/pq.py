@@ -1,0 +1,556 @@
+"""Panoptic quality (PQ, SQ, RQ) with the exact semantics of panopticapi's `pq_compute`.
+
+PQ (Kirillov et al., "Panoptic Segmentation", CVPR 2019) per category c:
+``PQ_c = sum_{TP} IoU / (|TP| + |FP| / 2 + |FN| / 2)``, ``SQ_c = sum_{TP} IoU / |TP|`` (0 without
+TP), ``RQ_c = |TP| / (|TP| + |FP| / 2 + |FN| / 2)``; All/Things/Stuff average over the categories
+with at least one TP, FP or FN. Per image, with panopticapi's conventions:
+
+* Void: ground-truth pixels with id 0 (VOID). A predicted segment and a ground-truth segment of the
+  same category, the latter not crowd, match (one TP) when
+  ``IoU = |g n p| / (|p| + |g| - |g n p| - |p n void|) > 0.5``, where ``|p|`` is the predicted
+  segment's pixel count in the PNG and ``|g|`` is the ground-truth segment's ``area`` from the
+  JSON (its pixel count when the JSON has no area). IoU > 0.5 makes matches unique.
+* FN: unmatched, non-crowd ground-truth segments.
+* FP: unmatched predicted segments, except those with more than half of their pixels in void plus
+  the crowd segment of their category (when the image has several crowd segments of one category,
+  panopticapi uses the last one listed; so does this module).
+* Ground-truth ids in the PNG that are not in the JSON are neither segments nor void (ignored, as
+  panopticapi does), and JSON segments absent from the PNG still count as FN.
+
+The joint histogram of (ground-truth id, predicted id) is computed without Python loops over
+pixels: pixels are grouped into runs where neither map changes along the flattened image, and the
+run lengths are summed per (gt id, pred id) key (`np.unique` + one weighted `np.bincount` over the
+runs). Matching is vectorised over the pairs. Images are processed in a thread pool (PNG decoding
+and numpy release the GIL), never with fork.
+
+Differences from panopticapi (by design): malformed predictions raise `PanopticFormatError` (a
+ValueError) naming the image and segments (panopticapi raises KeyError for some and silently
+accepts others: duplicate segment ids, a segment with id 0, two predictions for one image); an
+average over zero categories is 0.0 with ``n = 0`` (panopticapi raises ZeroDivisionError);
+nothing is printed unless ``verbose=True``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from oanet_jax.panoptic.io import PanopticFormatError, read_id_words
+
+__all__ = [
+    "VOID",
+    "ImageStats",
+    "PQStat",
+    "PQStatCat",
+    "PanopticFormatError",
+    "evaluate_id_maps",
+    "match_image",
+    "pair_counts",
+    "pq_compute",
+    "print_results",
+]
+
+VOID = 0
+_ID_MASK_24 = np.uint32(0xFFFFFF)
+_MAX_ID = (1 << 32) - 1  # in-memory id maps: ids must fit in 32 bits (keys are gt << 32 | pred)
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+@dataclasses.dataclass
+class PQStatCat:
+    """Per-category sums: IoU over true positives and the TP / FP / FN counts."""
+
+    iou: float = 0.0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def __iadd__(self, other: PQStatCat) -> PQStatCat:
+        self.iou += other.iou
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStats:
+    """Matching outcome of one image (dataset category ids).
+
+    Attributes:
+      tp_categories: int64 [T] category of each true positive (pairs ordered by (gt id, pred id)).
+      tp_ious: float64 [T] IoU of each true positive.
+      fn_categories: int64 [F] category of each false negative.
+      fp_categories: int64 [P] category of each false positive.
+    """
+
+    tp_categories: np.ndarray
+    tp_ious: np.ndarray
+    fn_categories: np.ndarray
+    fp_categories: np.ndarray
+
+
+class PQStat:
+    """PQ accumulator over images, with panopticapi's `PQStat` interface.
+
+    ``stat[category_id]`` is a `PQStatCat`; ``stat += other`` merges; ``pq_average`` averages as
+    panopticapi does; `add` folds in one image's `ImageStats`; `summarize` gives the result dict
+    of `pq_compute`.
+    """
+
+    def __init__(self) -> None:
+        self.pq_per_cat: collections.defaultdict[int, PQStatCat] = collections.defaultdict(
+            PQStatCat
+        )
+
+    def __getitem__(self, category_id: int) -> PQStatCat:
+        return self.pq_per_cat[category_id]
+
+    def __iadd__(self, other: PQStat) -> PQStat:
+        for label, cat in other.pq_per_cat.items():
+            self.pq_per_cat[label] += cat
+        return self
+
+    def add(self, image: ImageStats) -> None:
+        """Adds one image's matches (IoUs summed in pair order, as panopticapi)."""
+        for cat, iou in zip(image.tp_categories.tolist(), image.tp_ious.tolist(), strict=True):
+            entry = self.pq_per_cat[cat]
+            entry.tp += 1
+            entry.iou += iou
+        for cat in image.fn_categories.tolist():
+            self.pq_per_cat[cat].fn += 1
+        for cat in image.fp_categories.tolist():
+            self.pq_per_cat[cat].fp += 1
+
+    def pq_average(
+        self, categories: Mapping[int, Mapping[str, Any]], isthing: bool | None
+    ) -> tuple[dict[str, float | int], dict[int, dict[str, float]]]:
+        """Average PQ / SQ / RQ over `categories` (things only, stuff only, or all for None).
+
+        Args:
+          categories: {category id: category dict with 'isthing'}.
+          isthing: True: things, False: stuff, None: all.
+
+        Returns:
+          ({'pq', 'sq', 'rq', 'n'}, {category id: {'pq', 'sq', 'rq'}}): the average over the `n`
+          categories with TP + FP + FN > 0 (0.0 with n = 0 when there is none), and per category
+          values (all 0.0 for categories without TP, FP or FN).
+        """
+        pq = sq = rq = 0.0
+        n = 0
+        per_class: dict[int, dict[str, float]] = {}
+        for label, info in categories.items():
+            if isthing is not None and isthing != (info["isthing"] == 1):
+                continue
+            stat = self.pq_per_cat.get(label, PQStatCat())
+            if stat.tp + stat.fp + stat.fn == 0:
+                per_class[label] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+                continue
+            n += 1
+            denom = stat.tp + 0.5 * stat.fp + 0.5 * stat.fn
+            pq_c = stat.iou / denom
+            sq_c = stat.iou / stat.tp if stat.tp != 0 else 0.0
+            rq_c = stat.tp / denom
+            per_class[label] = {"pq": pq_c, "sq": sq_c, "rq": rq_c}
+            pq += pq_c
+            sq += sq_c
+            rq += rq_c
+        if n == 0:
+            return {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}, per_class
+        return {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}, per_class
+
+    def summarize(
+        self, categories: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The `pq_compute` result dict: 'All', 'per_class', 'Things', 'Stuff'."""
+        cats = _category_dict(categories)
+        results: dict[str, Any] = {}
+        for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+            results[name], per_class = self.pq_average(cats, isthing=isthing)
+            if name == "All":
+                results["per_class"] = per_class
+        return results
+
+
+def _category_dict(
+    categories: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+) -> dict[int, Mapping[str, Any]]:
+    """{id: category dict} from a list of category dicts (later duplicates win) or a mapping."""
+    if isinstance(categories, Mapping):
+        return {int(k): v for k, v in categories.items()}
+    return {int(c["id"]): c for c in categories}
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+def pair_counts(
+    gt_ids: np.ndarray, pred_ids: np.ndarray, id_mask: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint histogram of two segment id maps, without Python loops over pixels.
+
+    Pixels are grouped into maximal runs along the flattened maps where neither id changes; the
+    run lengths are then summed per (gt id, pred id) key. Cost: a few vectorised passes over the
+    pixels plus a sort of the (usually few thousand) runs.
+
+    Args:
+      gt_ids: [...] non-negative integer ids (any integer dtype).
+      pred_ids: same shape as `gt_ids`.
+      id_mask: if given, ids are ``value & id_mask`` (for raw RGBX words: 0xFFFFFF).
+
+    Returns:
+      (gt, pred, count): int64 [M] arrays over the M distinct (gt id, pred id) pairs present,
+      sorted by (gt id, pred id); count > 0 is the number of pixels of the pair.
+
+    Raises:
+      ValueError: shapes differ, or an id is negative or >= 2^32.
+    """
+    g = np.ravel(gt_ids)
+    p = np.ravel(pred_ids)
+    if np.shape(gt_ids) != np.shape(pred_ids):
+        raise ValueError(f"id maps differ in shape: {np.shape(gt_ids)} vs {np.shape(pred_ids)}")
+    n = g.size
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    change = np.not_equal(g[1:], g[:-1])
+    change |= np.not_equal(p[1:], p[:-1], out=np.empty_like(change))
+    starts = np.flatnonzero(change)
+    starts += 1
+    starts = np.concatenate([np.zeros(1, starts.dtype), starts])
+    lengths = np.diff(starts, append=n)
+    gs = g[starts].astype(np.int64)
+    ps = p[starts].astype(np.int64)
+    if id_mask is not None:
+        gs &= id_mask
+        ps &= id_mask
+    else:
+        for name, v in (("ground-truth", gs), ("predicted", ps)):
+            if int(v.min()) < 0 or int(v.max()) > _MAX_ID:
+                raise ValueError(f"{name} ids must be in [0, 2^32), got [{v.min()}, {v.max()}]")
+    keys = (gs << 32) | ps
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=lengths, minlength=uniq.size)
+    return uniq >> 32, uniq & _MAX_ID, counts.astype(np.int64)
+
+
+def _index_of(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Position of each `query` value in the unique array `keys` (-1 if absent), int64."""
+    if keys.size == 0:
+        return np.full(query.shape, -1, np.int64)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, query), keys.size - 1)
+    return np.where(sorted_keys[pos] == query, order[pos], -1)
+
+
+def match_image(
+    gt_pairs: np.ndarray,
+    pred_pairs: np.ndarray,
+    counts: np.ndarray,
+    gt_segments: Iterable[Mapping[str, Any]],
+    pred_segments: Iterable[Mapping[str, Any]],
+    categories: Mapping[int, Any],
+    image: str = "image",
+) -> ImageStats:
+    """PQ matching of one image from its joint histogram (see the module docstring for the rules).
+
+    Args:
+      gt_pairs, pred_pairs, counts: int64 [M] output of `pair_counts`.
+      gt_segments: ground-truth segments_info (``id``, ``category_id``, ``iscrowd``, optional
+        ``area``); duplicate ids: the last entry wins, as in panopticapi.
+      pred_segments: predicted segments_info (``id``, ``category_id``); must match the PNG exactly.
+      categories: {dataset category id: ...}; predicted categories must be keys.
+      image: name of the image for error messages.
+
+    Returns:
+      The image's `ImageStats`.
+
+    Raises:
+      PanopticFormatError: malformed prediction (ids in the PNG but not in the JSON or vice versa,
+        duplicate ids, id 0 in segments_info, unknown category, missing keys).
+    """
+    # Ground truth: panopticapi's {id: segment} dict (later duplicates win, first position kept).
+    try:
+        gt_by_id = {int(s["id"]): s for s in gt_segments}
+        gt_ids = np.fromiter(gt_by_id, np.int64, len(gt_by_id))
+        gt_cat = np.fromiter(
+            (int(s["category_id"]) for s in gt_by_id.values()), np.int64, len(gt_by_id)
+        )
+        gt_crowd = np.fromiter(
+            (s.get("iscrowd", 0) == 1 for s in gt_by_id.values()), bool, len(gt_by_id)
+        )
+        gt_area_json = [s.get("area") for s in gt_by_id.values()]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PanopticFormatError(f"{image}: malformed ground-truth segments_info ({e!r})") from e
+
+    # Prediction: strict.
+    pred_list = list(pred_segments)
+    try:
+        pred_ids = np.fromiter((int(s["id"]) for s in pred_list), np.int64, len(pred_list))
+        pred_cat = np.fromiter((int(s["category_id"]) for s in pred_list), np.int64, len(pred_list))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PanopticFormatError(
+            f"{image}: malformed predicted segments_info, each segment needs integer 'id' and "
+            f"'category_id' ({e!r})"
+        ) from e
+    uniq_ids, id_counts = np.unique(pred_ids, return_counts=True)
+    if np.any(id_counts > 1):
+        raise PanopticFormatError(
+            f"{image}: duplicate predicted segment ids {uniq_ids[id_counts > 1].tolist()} in "
+            "segments_info"
+        )
+    if np.any(pred_ids == VOID):
+        raise PanopticFormatError(
+            f"{image}: predicted segments_info has a segment with id 0, reserved for void"
+        )
+
+    gidx = _index_of(gt_pairs, gt_ids)
+    pidx = _index_of(pred_pairs, pred_ids)
+    num_pred = pred_ids.size
+    stray = (pidx < 0) & (pred_pairs != VOID)
+    if np.any(stray):
+        raise PanopticFormatError(
+            f"{image}: predicted segment ids {np.unique(pred_pairs[stray]).tolist()} are in the "
+            "PNG but not in segments_info"
+        )
+    has_pred = pidx >= 0
+    pred_area = np.bincount(pidx[has_pred], weights=counts[has_pred], minlength=num_pred)
+    absent = pred_area == 0
+    if np.any(absent):
+        raise PanopticFormatError(
+            f"{image}: predicted segment ids {pred_ids[absent].tolist()} are in segments_info but "
+            "not in the PNG"
+        )
+    unknown = np.fromiter((c not in categories for c in pred_cat.tolist()), bool, num_pred)
+    if np.any(unknown):
+        raise PanopticFormatError(
+            f"{image}: predicted segments {pred_ids[unknown].tolist()} have unknown category ids "
+            f"{pred_cat[unknown].tolist()}"
+        )
+
+    # Ground-truth areas: from the JSON (panopticapi), else the pixel count.
+    has_gt = gidx >= 0
+    gt_area = np.bincount(gidx[has_gt], weights=counts[has_gt], minlength=gt_ids.size)
+    for j, a in enumerate(gt_area_json):
+        if a is not None:
+            gt_area[j] = a
+
+    on_void = (gt_pairs == VOID) & has_pred
+    void_inter = np.bincount(pidx[on_void], weights=counts[on_void], minlength=num_pred)
+
+    # True positives: any (gt, pred) pair of one category, gt not crowd, with IoU > 0.5.
+    both = has_gt & has_pred
+    g_b, p_b, c_b = gidx[both], pidx[both], counts[both]
+    cand = ~gt_crowd[g_b] & (gt_cat[g_b] == pred_cat[p_b])
+    g_b, p_b, c_b = g_b[cand], p_b[cand], c_b[cand]
+    union = pred_area[p_b] + gt_area[g_b] - c_b - void_inter[p_b]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = c_b / union
+    tp = iou > 0.5
+    gt_matched = np.zeros(gt_ids.size, bool)
+    pred_matched = np.zeros(num_pred, bool)
+    gt_matched[g_b[tp]] = True
+    pred_matched[p_b[tp]] = True
+
+    # False negatives: unmatched, non-crowd ground truth.
+    fn = ~gt_matched & ~gt_crowd
+
+    # False positives: unmatched predictions not mostly in void + their category's crowd region.
+    crowd_of_cat: dict[int, int] = {}
+    for gid, cat, crowd in zip(gt_ids.tolist(), gt_cat.tolist(), gt_crowd.tolist(), strict=True):
+        if crowd:
+            crowd_of_cat[cat] = gid
+    ignored_inter = void_inter
+    if crowd_of_cat and num_pred:
+        crowd_id = np.fromiter(
+            (crowd_of_cat.get(c, -1) for c in pred_cat.tolist()), np.int64, num_pred
+        )
+        on_crowd = has_pred & (gt_pairs == crowd_id[np.maximum(pidx, 0)])
+        ignored_inter = void_inter + np.bincount(
+            pidx[on_crowd], weights=counts[on_crowd], minlength=num_pred
+        )
+    fp = ~pred_matched & ~(ignored_inter / pred_area > 0.5)
+
+    return ImageStats(
+        tp_categories=gt_cat[g_b[tp]],
+        tp_ious=iou[tp],
+        fn_categories=gt_cat[fn],
+        fp_categories=pred_cat[fp],
+    )
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _run(fn: Callable[[Any], ImageStats], items: Sequence[Any], num_workers: int | None) -> PQStat:
+    """Maps `fn` over `items` (threads when num_workers > 1), summing in item order."""
+    stat = PQStat()
+    workers = _default_workers() if num_workers is None else int(num_workers)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            stat.add(fn(item))
+        return stat
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        for image_stats in pool.map(fn, items):
+            stat.add(image_stats)
+    return stat
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _evaluate_files(
+    item: tuple[Mapping[str, Any], Mapping[str, Any]],
+    gt_folder: str,
+    pred_folder: str,
+    categories: Mapping[int, Any],
+) -> ImageStats:
+    gt_ann, pred_ann = item
+    name = f"image {gt_ann['image_id']} (prediction {pred_ann['file_name']})"
+    gt_words, gt_shape = read_id_words(os.path.join(gt_folder, gt_ann["file_name"]))
+    pred_words, pred_shape = read_id_words(os.path.join(pred_folder, pred_ann["file_name"]))
+    if gt_shape != pred_shape:
+        raise PanopticFormatError(
+            f"{name}: prediction PNG is {pred_shape[0]}x{pred_shape[1]} (HxW), ground truth is "
+            f"{gt_shape[0]}x{gt_shape[1]}"
+        )
+    pairs = pair_counts(gt_words, pred_words, id_mask=0xFFFFFF)
+    return match_image(
+        *pairs, gt_ann["segments_info"], pred_ann["segments_info"], categories, image=name
+    )
+
+
+def pq_compute(
+    gt_json_file: str,
+    pred_json_file: str,
+    gt_folder: str | None = None,
+    pred_folder: str | None = None,
+    num_workers: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Drop-in replacement for panopticapi's ``pq_compute`` (same arguments and result).
+
+    Args:
+      gt_json_file: COCO panoptic ground-truth JSON (with 'annotations' and 'categories').
+      pred_json_file: COCO panoptic predictions JSON ('annotations'; one per ground-truth image,
+        predictions for other images are ignored).
+      gt_folder: ground-truth PNG folder; default: `gt_json_file` without '.json'.
+      pred_folder: prediction PNG folder; default: `pred_json_file` without '.json'.
+      num_workers: threads over images (default: the CPUs available; <= 1: serial).
+      verbose: print panopticapi's summary table.
+
+    Returns:
+      {'All': {'pq', 'sq', 'rq', 'n'}, 'per_class': {category id: {'pq', 'sq', 'rq'}},
+      'Things': {...}, 'Stuff': {...}} with values in [0, 1], as panopticapi.
+
+    Raises:
+      FileNotFoundError: a folder is missing. PanopticFormatError: a missing or duplicate
+      prediction for an image, or a malformed prediction (message names image and segments).
+    """
+    with open(gt_json_file) as f:
+        gt_json = json.load(f)
+    with open(pred_json_file) as f:
+        pred_json = json.load(f)
+    if gt_folder is None:
+        gt_folder = gt_json_file.replace(".json", "")
+    if pred_folder is None:
+        pred_folder = pred_json_file.replace(".json", "")
+    for kind, folder in (("ground-truth", gt_folder), ("prediction", pred_folder)):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{kind} segmentation folder {folder} does not exist")
+    categories = _category_dict(gt_json["categories"])
+
+    preds: dict[int, Mapping[str, Any]] = {}
+    for ann in pred_json["annotations"]:
+        if ann["image_id"] in preds:
+            raise PanopticFormatError(
+                f"{pred_json_file}: two predictions for image {ann['image_id']}"
+            )
+        preds[ann["image_id"]] = ann
+    items = []
+    for gt_ann in gt_json["annotations"]:
+        if gt_ann["image_id"] not in preds:
+            raise PanopticFormatError(
+                f"{pred_json_file}: no prediction for image {gt_ann['image_id']}"
+            )
+        items.append((gt_ann, preds[gt_ann["image_id"]]))
+
+    stat = _run(
+        lambda item: _evaluate_files(item, gt_folder, pred_folder, categories), items, num_workers
+    )
+    results = stat.summarize(categories)
+    if verbose:
+        print_results(results)
+    return results
+
+
+def evaluate_id_maps(
+    gt: Iterable[tuple[np.ndarray, Sequence[Mapping[str, Any]]]],
+    pred: Iterable[tuple[np.ndarray, Sequence[Mapping[str, Any]]]],
+    categories: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """PQ of in-memory id maps (no PNG round trip), same rules and result as `pq_compute`.
+
+    Args:
+      gt: per image (id_map [H, W] non-negative integer ids, 0 = void; segments_info).
+      pred: per image, in the same order (id_map [H, W]; segments_info with DATASET category ids).
+      categories: category dicts (with 'id' and 'isthing') or {id: category dict}.
+      num_workers: threads over images (default: the CPUs available; <= 1: serial).
+
+    Returns:
+      The `pq_compute` result dict.
+
+    Raises:
+      PanopticFormatError: different numbers of images, shapes that differ, malformed predictions
+      (images are named by their position, ``image #i``).
+    """
+    cats = _category_dict(categories)
+    gt_list = list(gt)
+    pred_list = list(pred)
+    if len(gt_list) != len(pred_list):
+        raise PanopticFormatError(
+            f"{len(gt_list)} ground-truth images but {len(pred_list)} predictions"
+        )
+
+    def one(i: int) -> ImageStats:
+        (gt_map, gt_segs), (pred_map, pred_segs) = gt_list[i], pred_list[i]
+        name = f"image #{i}"
+        gt_map, pred_map = np.asarray(gt_map), np.asarray(pred_map)
+        if gt_map.shape != pred_map.shape:
+            raise PanopticFormatError(
+                f"{name}: predicted id map has shape {pred_map.shape}, ground truth {gt_map.shape}"
+            )
+        try:
+            pairs = pair_counts(gt_map, pred_map)
+        except ValueError as e:
+            raise PanopticFormatError(f"{name}: {e}") from e
+        return match_image(*pairs, gt_segs, pred_segs, cats, image=name)
+
+    return _run(one, range(len(gt_list)), num_workers).summarize(cats)
+
+
+def print_results(results: Mapping[str, Any]) -> None:
+    """Prints panopticapi's PQ / SQ / RQ / N table (percentages)."""
+    print("{:10s}| {:>5s}  {:>5s}  {:>5s} {:>5s}".format("", "PQ", "SQ", "RQ", "N"))
+    print("-" * (10 + 7 * 4))
+    for name in ("All", "Things", "Stuff"):
+        r = results[name]
+        print(
+            f"{name:10s}| {100 * r['pq']:5.1f}  {100 * r['sq']:5.1f}  {100 * r['rq']:5.1f} "
+            f"{r['n']:5d}"
+        )
