@@ -89,7 +89,9 @@ SECTIONS = {"ops": run_ops, "pq": run_pq, "model": run_model, "train": run_train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("sections", nargs="+", choices=sorted(SECTIONS))
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks"))
     args = parser.parse_args()

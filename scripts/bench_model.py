@@ -1,0 +1,201 @@
+"""Whole-model inference speed: jitted ResNet-50 OANet vs torchvision's maskrcnn_resnet50_fpn.
+
+    python scripts/bench_model.py [--height 800] [--width 1344] [--dtype float32] [--iters 10]
+
+Both networks get the same weights and the same input: torchvision's
+``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()`` (seeded random weights;
+with ``randomise_bn`` its FrozenBN statistics are randomised, which makes the random class scores
+peaked so that both sides produce the full 100 detections, a realistic workload; the default
+identity statistics give near-uniform scores and no detection at all) converted with
+`convert_maskrcnn` into OANet configured as torchvision (configs/base.py with 90 thing classes
+and the torchvision-parity fields). One image of ``height x width`` pixels (a multiple of 32, so
+neither side pads and torchvision's resize is a no-op: its transform's min/max size are set to the
+image's sides).
+
+What each side times (median of ``iters`` runs after ``warmup`` runs, synchronised):
+
+* OANet: the jitted ``model.apply(variables, batch, train=False)`` on a batch already on the
+  device (normalised image, as the input pipeline delivers it): backbone, FPN, RPN, proposals,
+  box head, detections, mask head, plus OANet's stuff head (133 classes at stride 4) and SRM
+  (canvas pasting, ranking scores). Compile time (lower + compile) is reported separately.
+* torchvision: ``model([image])`` under ``torch.inference_mode`` on the same device: its
+  normalisation and (no-op) resize, the same Mask R-CNN pipeline, and the pasting of every mask
+  into a full-resolution image (which OANet does not do); no stuff head or SRM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from configs import base  # noqa: E402
+from oanet_jax.convert import torchvision as convert  # noqa: E402
+from oanet_jax.modeling.build import build_model  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _oanet_config(dtype: str):
+    cfg = base.get_config()
+    m = cfg.model
+    m.num_thing_classes = 90
+    m.compute_dtype = dtype
+    m.pooler_aligned = False
+    m.pooler_sampling_ratio = 2
+    m.pooler_level_mapper = "torchvision"
+    m.rpn_min_size = 1e-3
+    m.test_min_size = 1e-2
+    return cfg
+
+
+def _randomise_frozen_bn(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
+                c = m.weight.shape[0]
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+def _median_ms(fn, warmup: int, iters: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def bench_model(
+    height: int = 800,
+    width: int = 1344,
+    dtype: str = "float32",
+    warmup: int = 2,
+    iters: int = 10,
+    randomise_bn: bool = True,
+    seed: int = 0,
+    torch_device: str | None = None,
+) -> dict[str, Any]:
+    """Times OANet (jitted) and torchvision Mask R-CNN inference on one image.
+
+    Args:
+      height, width: image size, multiples of 32.
+      dtype: OANet compute dtype ('float32' or 'bfloat16'); torchvision runs in float32.
+      warmup: untimed runs before timing (each side; OANet's first call also compiles, timed
+        separately).
+      iters: timed runs; the median is reported.
+      randomise_bn: randomise torchvision's FrozenBN statistics (see the module docstring).
+      seed: torch seed of the random weights and the image.
+      torch_device: torch device (default 'cuda' when available, else 'cpu').
+
+    Returns:
+      A JSON-able dict: 'image' [h, w], 'oanet_compile_s', 'oanet_median_ms', 'torch_median_ms',
+      'speedup' (torch / OANet median), detection counts, devices, dtypes, raw times.
+    """
+    if height % 32 or width % 32:
+        raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")
+    device = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    tv = tv.eval()
+    if randomise_bn:
+        _randomise_frozen_bn(tv.backbone, seed + 1)
+    tv.transform.min_size = (min(height, width),)
+    tv.transform.max_size = max(height, width)
+    state = {k: v.numpy() for k, v in tv.state_dict().items()}
+    tv = tv.to(device)
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    image = torch.rand(3, height, width, generator=gen)  # [0, 1] RGB, as torchvision expects
+    image_dev = image.to(device)
+
+    def run_torch() -> Any:
+        with torch.inference_mode():
+            out = tv([image_dev])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    tv_out = run_torch()
+    torch_ms, torch_times = _median_ms(run_torch, warmup, iters)
+
+    model = build_model(_oanet_config(dtype))
+    variables = jax.device_put(convert.convert_maskrcnn(state, model))
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    normalised = ((image.numpy() - mean) / std).transpose(1, 2, 0)[None]
+    batch = jax.device_put(
+        {"image": normalised, "image_shape": np.asarray([[height, width]], np.int32)}
+    )
+    apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
+    t0 = time.perf_counter()
+    lowered = apply.lower(variables, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    def run_oanet() -> Any:
+        return jax.block_until_ready(compiled(variables, batch))
+
+    out = run_oanet()
+    oanet_ms, oanet_times = _median_ms(run_oanet, warmup, iters)
+
+    return {
+        "image": [height, width],
+        "oanet_dtype": dtype,
+        "oanet_device": str(jax.devices()[0]),
+        "torch_device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "oanet_lower_s": round(t1 - t0, 3),
+        "oanet_compile_s": round(t2 - t1, 3),
+        "oanet_median_ms": round(oanet_ms, 3),
+        "torch_median_ms": round(torch_ms, 3),
+        "speedup": round(torch_ms / oanet_ms, 3),
+        "oanet_detections": int(np.asarray(out["valid"]).sum()),
+        "torch_detections": int(tv_out[0]["boxes"].shape[0]),
+        "warmup": warmup,
+        "iters": iters,
+        "oanet_times_ms": [round(t, 3) for t in oanet_times],
+        "torch_times_ms": [round(t, 3) for t in torch_times],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs `bench_model` with command-line arguments and prints the result as JSON."""
+    import json
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1344)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--identity-bn", action="store_true", help="keep FrozenBN at identity")
+    a = p.parse_args(argv)
+    result = bench_model(
+        a.height, a.width, a.dtype, a.warmup, a.iters, randomise_bn=not a.identity_bn
+    )
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
