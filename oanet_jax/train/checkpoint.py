@@ -1,0 +1,454 @@
+"""Checkpointing of the training state with orbax-checkpoint.
+
+Layout under the work directory::
+
+    workdir/checkpoints/<step>/state/      the TrainState pytree (params, batch_stats, opt_state,
+                                           step, rng key data), orbax PyTree (OCDBT) format
+    workdir/checkpoints/<step>/metadata/   a JSON item: step, data seed, data position (number of
+                                           training batches consumed), global batch size, time
+    workdir/checkpoints_corrupt/<step>/    checkpoints found unreadable at restore, moved aside
+
+Checkpoint ``<step>`` holds the state after ``step`` optimizer updates; a run resumed from it reads
+the input stream from batch ``data_position`` (== ``step``), so it sees exactly the batches that the
+uninterrupted run would have seen.
+
+Saves go through an ``orbax.checkpoint.CheckpointManager``: asynchronous when configured (the
+device-to-host copy blocks, the file writes run in a background thread and the next save or
+:meth:`TrainCheckpointManager.wait_until_finished` waits for them), at most ``keep`` checkpoints are
+kept, and unfinished temporary directories of a killed save are removed when the manager opens.
+
+Restore: :meth:`TrainCheckpointManager.restore` tries the latest step first. A checkpoint whose
+files are missing, truncated or corrupted (orbax / tensorstore raise on read: OCDBT data files are
+checksummed) is reported with an absl warning naming the step and the error, moved to
+``checkpoints_corrupt/`` (so a later save of the same step cannot collide with it) and the previous
+step is tried. A checkpoint that is readable but does not match the expected state (other shapes:
+the config changed) is NOT treated as corrupt: :class:`CheckpointMismatchError` is raised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+STATE_ITEM = "state"
+METADATA_ITEM = "metadata"
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose arrays do not match the expected state (shape/dtype/keys)."""
+
+
+class NoReadableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them could be read."""
+
+
+def _item_handlers() -> dict[str, Any]:
+    return {
+        STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+        METADATA_ITEM: ocp.JsonCheckpointHandler(),
+    }
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flat_specs(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """{path: (shape, dtype)} of the array leaves of a state / abstract state / orbax metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+        if leaf is None:
+            continue
+        out[tuple(_key_str(k) for k in path)] = (tuple(leaf.shape), str(leaf.dtype))
+    return out
+
+
+def abstract_state(state_shapes: Any, shardings: Any) -> Any:
+    """Restore target: ``jax.ShapeDtypeStruct`` leaves carrying the target shardings.
+
+    Args:
+        state_shapes: pytree of arrays or ShapeDtypeStructs (e.g. an initialised TrainState).
+        shardings: matching pytree of ``jax.sharding.Sharding`` (a prefix tree is not allowed).
+
+    Returns:
+        The same pytree structure with ``ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves, so
+        that a restore lands directly sharded on the mesh.
+    """
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, shardings
+    )
+
+
+def compare_specs(expected: Any, saved: Any) -> list[str]:
+    """Differences between the array leaves of two pytrees (paths, shapes, dtypes).
+
+    Args:
+        expected: the state (or abstract state) the caller wants to restore into.
+        saved: the checkpoint's tree metadata (``ArrayMetadata`` leaves) or another state.
+
+    Returns:
+        Human-readable differences (empty when they agree); at most 10 are listed.
+    """
+    a, b = _flat_specs(expected), _flat_specs(saved)
+    problems = []
+    for path in sorted(set(a) | set(b)):
+        name = "/".join(path)
+        if path not in b:
+            problems.append(f"{name}: missing in the checkpoint")
+        elif path not in a:
+            problems.append(f"{name}: in the checkpoint but not in the state")
+        elif a[path] != b[path]:
+            problems.append(f"{name}: expected {a[path]}, checkpoint has {b[path]}")
+    if len(problems) > 10:
+        problems = problems[:10] + [f"... and {len(problems) - 10} more"]
+    return problems
+
+
+class TrainCheckpointManager:
+    """Periodic, keep-N, optionally asynchronous checkpoints of a TrainState plus JSON metadata.
+
+    Thin wrapper of ``orbax.checkpoint.CheckpointManager`` (items ``state`` and ``metadata``) that
+    adds the corrupt-checkpoint fallback of the module docstring. All processes must call
+    :meth:`save` and :meth:`restore` (orbax synchronises them); only process 0 moves corrupt
+    checkpoints aside.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        every_steps: int,
+        keep: int,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        """Opens (creating unless ``read_only``) ``workdir/checkpoints``.
+
+        Args:
+            workdir: the run's work directory.
+            every_steps: :meth:`should_save` is True at multiples of it (<= 0: never).
+            keep: number of checkpoints kept (<= 0 keeps all).
+            async_save: write files in a background thread.
+            read_only: never write or delete (evaluation / export).
+        """
+        self.workdir = os.path.abspath(workdir)
+        self.every_steps = int(every_steps)
+        self.keep = int(keep)
+        self.async_save = bool(async_save)
+        self.read_only = bool(read_only)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep if self.keep > 0 else None,
+            enable_async_checkpointing=self.async_save,
+            create=not self.read_only,
+            cleanup_tmp_directories=not self.read_only,
+            read_only=self.read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=_item_handlers()
+        )
+
+    @classmethod
+    def from_config(cls, config: Any, workdir: str, **kwargs: Any) -> TrainCheckpointManager:
+        """Builds the manager from ``config.checkpoint`` (every_steps, keep, async_save)."""
+        c = config.checkpoint
+        return cls(
+            workdir,
+            every_steps=int(c.every_steps),
+            keep=int(c.keep),
+            async_save=bool(c.get("async_save", True)),
+            **kwargs,
+        )
+
+    @property
+    def directory(self) -> str:
+        """``workdir/checkpoints``."""
+        return os.path.join(self.workdir, CHECKPOINT_DIR)
+
+    @property
+    def corrupt_directory(self) -> str:
+        """``workdir/checkpoints_corrupt`` (where unreadable checkpoints are moved)."""
+        return os.path.join(self.workdir, CORRUPT_DIR)
+
+    def all_steps(self) -> list[int]:
+        """Steps with a finished checkpoint, ascending."""
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest checkpointed step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        """True at multiples of ``every_steps`` (periodic checkpoints)."""
+        return self.every_steps > 0 and step > 0 and step % self.every_steps == 0
+
+    def save(
+        self, step: int, state: Any, metadata: Mapping[str, Any], *, wait: bool = False
+    ) -> bool:
+        """Saves ``state`` and ``metadata`` as checkpoint ``step`` (skipped if it exists).
+
+        Args:
+            step: number of optimizer updates in ``state``.
+            state: the TrainState (sharded jax arrays). With async saves the device-to-host
+                copy happens before this returns, so the caller may donate the buffers afterwards.
+            metadata: JSON-serialisable dict (the ``step`` key is set to ``step``).
+            wait: block until the files are written (and the checkpoint is committed).
+
+        Returns:
+            True if a save was started, False if checkpoint ``step`` already exists.
+        """
+        if self.read_only:
+            raise RuntimeError("checkpoint manager is read-only")
+        if step in self._manager.all_steps():
+            logging.info("Checkpoint for step %d already exists; not saving it again.", step)
+            if wait:
+                self.wait_until_finished()
+            return False
+        meta = dict(metadata)
+        meta["step"] = int(step)
+        meta.setdefault("time", time.time())
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.PyTreeSave(state),
+                    METADATA_ITEM: ocp.args.JsonSave(meta),
+                }
+            ),
+            force=True,
+        )
+        if wait:
+            self.wait_until_finished()
+        return True
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every pending asynchronous save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------- restore
+
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        """The JSON metadata item of checkpoint ``step``."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()})
+        )
+        return dict(restored[METADATA_ITEM])
+
+    def _restore_step(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        try:
+            saved_tree = self._manager.item_metadata(step)[STATE_ITEM]
+            if saved_tree is None:
+                raise FileNotFoundError(f"no '{STATE_ITEM}' item metadata")
+            saved_tree = getattr(saved_tree, "tree", saved_tree)
+        except Exception as e:  # noqa: BLE001 - any failure to read the metadata is corruption
+            raise _Corrupt(e) from e
+        problems = compare_specs(target, saved_tree)
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not match the training state (did the "
+                "config change?):\n  " + "\n  ".join(problems)
+            )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.PyTreeRestore(
+                            item=target,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        ),
+                        METADATA_ITEM: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+            state, meta = restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+            if int(meta.get("step", -1)) != step:
+                raise ValueError(f"metadata names step {meta.get('step')}, directory is {step}")
+            state_step = getattr(state, "step", None)
+            if state_step is not None and int(jax.device_get(state_step)) != step:
+                raise ValueError(f"state.step is {int(jax.device_get(state_step))}, not {step}")
+        except Exception as e:  # noqa: BLE001 - unreadable data files, truncated JSON, ...
+            raise _Corrupt(e) from e
+        return state, meta
+
+    def _quarantine(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.corrupt_directory, str(step))
+        if jax.process_index() == 0 and not self.read_only and os.path.exists(src):
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            if os.path.exists(dst):
+                dst = f"{dst}.{int(time.time())}"
+            shutil.move(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"oanet_quarantine_{step}")
+        self._manager.reload()
+        return dst
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the latest readable checkpoint (or ``step``) into ``target``'s structure.
+
+        Args:
+            target: abstract state (see :func:`abstract_state`): the pytree structure to restore
+                into, with ``ShapeDtypeStruct`` leaves whose shardings say where the arrays land.
+            step: a specific step (no fallback), or None for the latest readable one.
+
+        Returns:
+            ``(state, metadata)``, or None when there is no checkpoint at all.
+
+        Raises:
+            CheckpointMismatchError: a readable checkpoint with other shapes/keys than ``target``.
+            NoReadableCheckpointError: checkpoints exist but every one is corrupt (they have been
+                moved to ``checkpoints_corrupt/``), or the requested ``step`` is unreadable.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+            steps = [step]
+        if not steps:
+            return None
+        failures = []
+        for s in reversed(steps):
+            try:
+                return self._restore_step(s, target)
+            except _Corrupt as c:
+                err = c.error
+                path = os.path.join(self.directory, str(s))
+                if step is None and not self.read_only:
+                    action = f"moved it to {self._quarantine(s)}; trying the previous checkpoint"
+                elif step is None:
+                    action = "trying the previous checkpoint"
+                else:
+                    action = "it was requested explicitly, so there is no fallback"
+                logging.warning(
+                    "Checkpoint at step %d (%s) is unreadable (%s: %s); %s.",
+                    s,
+                    path,
+                    type(err).__name__,
+                    str(err)[:1000],
+                    action,
+                )
+                failures.append(f"step {s}: {type(err).__name__}: {str(err)[:300]}")
+        raise NoReadableCheckpointError(
+            f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(failures)
+        )
+
+
+class _Corrupt(Exception):
+    """Internal: wraps the error of an unreadable checkpoint."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def restore_variables(
+    workdir: str, step: int | None = None, *, shardings: Any = None
+) -> tuple[dict[str, Any], int]:
+    """Restores the model variables (no optimizer state) for evaluation or export.
+
+    Reads ``workdir/checkpoints`` read-only: the latest readable step (an unreadable one is
+    reported with a warning and the previous one used) or ``step``.
+
+    Args:
+        workdir: the training run's work directory.
+        step: a specific step, or None for the latest readable checkpoint.
+        shardings: optional pytree of shardings matching ``{'params': ..., 'batch_stats': ...}``
+            (e.g. from ``create_train_state``); default: every array on the first local device.
+
+    Returns:
+        ``(variables, step)``: ``variables = {'params': ..., 'batch_stats': ...}`` of jax arrays,
+        as the model's ``init`` returns them.
+
+    Raises:
+        FileNotFoundError: no checkpoint (or not the requested step).
+        NoReadableCheckpointError: none of the candidate checkpoints could be read.
+    """
+    manager = TrainCheckpointManager(workdir, every_steps=0, keep=0, read_only=True)
+    try:
+        steps = manager.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {manager.directory}")
+            steps = [step]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+        failures = []
+        for s in reversed(steps):
+            try:
+                return _restore_variables_step(manager, s, shardings), s
+            except Exception as e:  # noqa: BLE001 - report and try the previous one
+                logging.warning(
+                    "Checkpoint at step %d in %s is unreadable: %s: %s",
+                    s,
+                    manager.directory,
+                    type(e).__name__,
+                    str(e)[:1000],
+                )
+                failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+        raise NoReadableCheckpointError(
+            f"no readable checkpoint in {manager.directory}:\n  " + "\n  ".join(failures)
+        )
+    finally:
+        manager.close()
+
+
+def _restore_variables_step(
+    manager: TrainCheckpointManager, step: int, shardings: Any
+) -> dict[str, Any]:
+    tree = manager._manager.item_metadata(step)[STATE_ITEM]
+    if tree is None:
+        raise FileNotFoundError(f"checkpoint {step} has no '{STATE_ITEM}' item")
+    tree = getattr(tree, "tree", tree)
+    saved = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+    if shardings is None:
+        device = jax.local_devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), saved)
+    target = abstract_state(saved, shardings)
+    restored = manager._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            }
+        ),
+    )
+    variables = restored[STATE_ITEM]
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def steps_in(workdir: str) -> Sequence[int]:
+    """Finished checkpoint steps under ``workdir/checkpoints`` (ascending; [] if none)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())

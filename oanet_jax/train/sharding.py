@@ -1,0 +1,228 @@
+"""Device mesh, logical-axis sharding rules and batch placement.
+
+The mesh has the axes ``('data', 'model')`` (``config.sharding.mesh_axes``). The batch is split
+over 'data' along its leading dimension and replicated over 'model'. Parameters are replicated
+by default; with ``shard_params=True`` (FSDP-style) the logical axes 'conv_out' and 'mlp' of the
+variables (see ``oanet_jax.modeling.layers``) map to 'model', with 'conv_in' and 'embed' as
+fallbacks. A dimension is only sharded when the mesh axis size divides it (a 5-way classifier
+on a 2-way 'model' axis stays replicated), and a mesh axis is used at most once per variable.
+The optimizer state follows its parameters; scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+# Logical axis -> mesh axis, in priority order (earlier rules claim a mesh axis first).
+_SHARDED_RULES = (
+    ("conv_out", MODEL_AXIS),
+    ("mlp", MODEL_AXIS),
+    ("conv_in", MODEL_AXIS),
+    ("embed", MODEL_AXIS),
+)
+_REPLICATED_AXES = ("conv_h", "conv_w", "conv_in", "conv_out", "norm", "embed", "mlp")
+
+_distributed_initialized = False
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces the (at most one) -1 in `mesh_shape` by the remaining device count.
+
+    Args:
+      mesh_shape: e.g. (-1, 1) or (4, 2).
+      num_devices: number of devices to lay out.
+
+    Returns:
+      The concrete shape, whose product is `num_devices`.
+    """
+    shape = [int(s) for s in mesh_shape]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh_shape may contain at most one -1, got {tuple(mesh_shape)}")
+    known = math.prod(s for s in shape if s != -1)
+    if known <= 0 or num_devices % known:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices")
+    shape = [num_devices // known if s == -1 else s for s in shape]
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not match {num_devices} devices")
+    return tuple(shape)
+
+
+def make_mesh(sharding_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The device mesh of ``config.sharding``.
+
+    Args:
+      sharding_config: ``config.sharding`` (mesh_shape with -1 = all remaining devices,
+        mesh_axes, normally ('data', 'model')).
+      devices: devices to use (default: all of ``jax.devices()``, every host).
+
+    Returns:
+      A ``jax.sharding.Mesh`` with axis names ``mesh_axes``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    axes = tuple(sharding_config.mesh_axes)
+    shape = resolve_mesh_shape(sharding_config.mesh_shape, len(devices))
+    if len(axes) != len(shape):
+        raise ValueError(f"mesh_axes {axes} and mesh_shape {shape} differ in length")
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, axes)
+
+
+def logical_axis_rules(sharding_config: Any) -> tuple[tuple[str, str | None], ...]:
+    """Logical axis rules (flax ``LogicalRules``) for the variables of the model.
+
+    Args:
+      sharding_config: ``config.sharding`` (uses shard_params).
+
+    Returns:
+      ((logical_name, mesh_axis or None), ...), in priority order.
+    """
+    if bool(sharding_config.shard_params):
+        named = {name for name, _ in _SHARDED_RULES}
+        return _SHARDED_RULES + tuple((a, None) for a in _REPLICATED_AXES if a not in named)
+    return tuple((a, None) for a in _REPLICATED_AXES)
+
+
+def mesh_partition_spec(
+    logical: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]],
+) -> PartitionSpec:
+    """Maps one variable's logical axis names to a PartitionSpec on `mesh`.
+
+    Rules are applied in order; a rule (logical, mesh_axis) shards every dimension named
+    `logical` on `mesh_axis` if that mesh axis is not yet used by this variable and its size
+    divides the dimension. Everything else is replicated. Logical names without a rule are
+    replicated.
+
+    Args:
+      logical: logical axis names of the variable (None entries or None: unnamed).
+      shape: the variable's shape.
+      mesh: the mesh.
+      rules: :func:`logical_axis_rules`.
+
+    Returns:
+      A PartitionSpec of len(shape) entries (mesh axis name or None).
+    """
+    out: list[str | None] = [None] * len(shape)
+    if not logical:
+        return PartitionSpec(*out)
+    if len(logical) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    for name, mesh_axis in rules:
+        if mesh_axis is None or mesh_axis in used or mesh_axis not in mesh.shape:
+            continue
+        size = mesh.shape[mesh_axis]
+        if size == 1:  # sharding over one device is replication
+            continue
+        for i, (lname, dim) in enumerate(zip(logical, shape, strict=True)):
+            if lname == name and out[i] is None and mesh_axis not in used and dim % size == 0:
+                out[i] = mesh_axis
+                used.add(mesh_axis)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """NamedShardings for a (possibly boxed) pytree of arrays / ShapeDtypeStructs.
+
+    Args:
+      abstract_boxed: a pytree whose leaves are arrays or ShapeDtypeStructs, some of them inside
+        ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` boxes carrying logical axis names
+        (e.g. ``jax.eval_shape(model.init, ...)``).
+      mesh: the mesh.
+      rules: :func:`logical_axis_rules`.
+
+    Returns:
+      A pytree with the structure of the *unboxed* tree and a NamedSharding per leaf; unnamed
+      leaves (scalars, step counters) are replicated.
+    """
+
+    def one(x: Any) -> NamedSharding:
+        if isinstance(x, nn.meta.AxisMetadata):
+            names = tuple(getattr(x, "names", ()) or ())
+            value = x.unbox()
+            return NamedSharding(mesh, mesh_partition_spec(names, value.shape, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of every batch array: leading (batch) dimension on 'data', the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places this host's batch on the mesh as global arrays split over 'data'.
+
+    Uses ``jax.make_array_from_process_local_data``: with several hosts each passes its own
+    per-host batch [B_host, ...] and the global array is [B_host * process_count, ...]. 64-bit
+    host arrays are converted to JAX's canonical (32-bit unless x64 is enabled) dtypes first.
+
+    Args:
+      batch: dict of numpy arrays with a common leading dimension B_host (divisible by the
+        number of 'data' shards on this host).
+      mesh: the mesh.
+
+    Returns:
+      Dict of jax.Arrays, same keys, sharded with :func:`batch_sharding`.
+    """
+    sharding = batch_sharding(mesh)
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        x = np.asarray(x)
+        x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def maybe_initialize_distributed(sharding_config: Any) -> bool:
+    """Calls ``jax.distributed.initialize()`` once when ``config.sharding.distributed`` is set.
+
+    Must run before any other JAX call that touches devices. Coordinator address, process
+    count and index come from the environment (TPU pods, SLURM, Open MPI, Kubernetes, or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+
+    Args:
+      sharding_config: ``config.sharding`` (uses distributed).
+
+    Returns:
+      True if the distributed runtime is (now) initialized by this function.
+    """
+    global _distributed_initialized
+    if not bool(getattr(sharding_config, "distributed", False)):
+        return False
+    if not _distributed_initialized:
+        jax.distributed.initialize()
+        _distributed_initialized = True
+        logging.info(
+            "jax.distributed initialized: process %d of %d, %d global devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.device_count(),
+        )
+    return True
