@@ -452,3 +452,73 @@ def steps_in(workdir: str) -> Sequence[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
+    """Overlays converted weights (``scripts/convert_torchvision.py`` output) on a fresh state.
+
+    The checkpoint at `path` holds ``{'params': ..., 'batch_stats': ...}``: the whole OANet tree
+    (from a torchvision Mask R-CNN) or only its ``'backbone'`` subtree (from an ImageNet ResNet).
+    Every array it holds replaces the array at the same path of ``state.params`` /
+    ``state.batch_stats`` (placed with that array's sharding); everything it does not hold keeps
+    its fresh initialisation. The optimizer state is fresh (zero momentum), as the step is 0.
+
+    Args:
+      state: the freshly created TrainState (step 0).
+      state_sharding: its TrainState-shaped pytree of NamedShardings.
+      path: folder of the converted orbax checkpoint.
+
+    Returns:
+      The state with the converted arrays in place.
+
+    Raises:
+      CheckpointMismatchError: a path of the checkpoint is not in the model, or its shape differs
+        (all offending paths listed).
+    """
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        loaded = checkpointer.restore(os.path.abspath(path))
+    finally:
+        checkpointer.close()
+    problems: list[str] = []
+    counts = {"params": 0, "batch_stats": 0}
+
+    def overlay(collection: str, target: Any, shardings: Any, source: Any, prefix: str) -> Any:
+        if isinstance(source, Mapping):
+            if not isinstance(target, Mapping):
+                problems.append(f"{prefix}: a subtree in {path}, an array in the model")
+                return target
+            out = dict(target)
+            for key, sub in source.items():
+                if key not in target:
+                    problems.append(f"{prefix}/{key}: in {path}, not in the model")
+                    continue
+                out[key] = overlay(collection, target[key], shardings[key], sub, f"{prefix}/{key}")
+            return out
+        if tuple(source.shape) != tuple(target.shape):
+            problems.append(
+                f"{prefix}: shape {tuple(source.shape)} in {path}, {target.shape} in model"
+            )
+            return target
+        counts[collection] += 1
+        return jax.device_put(jax.numpy.asarray(source, target.dtype), shardings)
+
+    params = overlay(
+        "params", state.params, state_sharding.params, loaded.get("params", {}), "params"
+    )
+    stats = overlay(
+        "batch_stats",
+        state.batch_stats,
+        state_sharding.batch_stats,
+        loaded.get("batch_stats", {}),
+        "batch_stats",
+    )
+    if problems:
+        raise CheckpointMismatchError(f"{path} does not fit the model:\n  " + "\n  ".join(problems))
+    logging.info(
+        "Initialised %d params and %d batch_stats arrays from %s; the rest keep their init.",
+        counts["params"],
+        counts["batch_stats"],
+        path,
+    )
+    return state.replace(params=params, batch_stats=stats)

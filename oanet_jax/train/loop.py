@@ -404,6 +404,8 @@ def train_and_evaluate(
     data_seed = int(config.seed)
     start_step = 0
     restored = manager.restore(ckpt_lib.abstract_state(state, state_sharding))
+    if restored is None and t.get("init_checkpoint", ""):
+        state = ckpt_lib.init_from_pretrained(state, state_sharding, t.init_checkpoint)
     if restored is not None:
         state, meta = restored
         start_step = int(meta["step"])

@@ -225,3 +225,36 @@ def test_restore_variables(tmp_path, caplog):
     assert os.path.isdir(tmp_path / ckpt_lib.CHECKPOINT_DIR / "10")
     with pytest.raises(FileNotFoundError):
         ckpt_lib.restore_variables(str(tmp_path / "nothing"))
+
+
+def test_init_from_pretrained_overlays_subtree(tmp_path):
+    """Converted weights replace exactly the arrays they hold, sharded like the state."""
+    import orbax.checkpoint as ocp
+
+    mesh = _mesh()
+    state, shardings = _make_state(mesh, step=0)
+    pretrained = {
+        "params": {"conv": {"kernel": np.full((3, 3, 4, 8), 7.0, np.float32)}},
+        "batch_stats": {"bn": {"mean": np.arange(8, dtype=np.float32)}},
+    }
+    path = str(tmp_path / "converted")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, pretrained)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+    out = ckpt_lib.init_from_pretrained(state, shardings, path)
+    np.testing.assert_array_equal(out.params["conv"]["kernel"], 7.0)
+    assert out.params["conv"]["kernel"].sharding == shardings.params["conv"]["kernel"]
+    np.testing.assert_array_equal(out.batch_stats["bn"]["mean"], np.arange(8))
+    _assert_equal_trees(out.params["dense"], state.params["dense"])
+    _assert_equal_trees(out.opt_state, state.opt_state)
+
+    bad = {"params": {"conv": {"kernel": np.zeros((3, 3, 4, 9), np.float32)}, "extra": {"w": 1.0}}}
+    bad_path = str(tmp_path / "bad")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(bad_path, bad)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"(?s)shape.*extra"):
+        ckpt_lib.init_from_pretrained(state, shardings, bad_path)
