@@ -60,7 +60,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -69,7 +68,7 @@ from oanet_jax.data import pipeline
 from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.panoptic import io as pan_io
 from oanet_jax.panoptic import pq as pq_lib
-from oanet_jax.panoptic.merge import ORDERINGS, merge_panoptic, order_keys
+from oanet_jax.panoptic.merge import ORDERINGS, merge_panoptic, order_keys, stuff_labels
 
 __all__ = [
     "PanopticGroundTruth",
@@ -314,24 +313,13 @@ def make_inference_fn(
                 stuff_stride=stride,
                 **merge_kwargs,
             )
-        # Stuff-only semantic prediction: the merge with no instance and no area limit assigns
-        # every in-image pixel to its argmax stuff class s, with segment id D' + 1 + s (D' = 1
-        # dummy detection), i.e. exactly the merge's upsampling and argmax.
-        b = stuff_logits.shape[0]
-        m = out["masks"].shape[-1]
-        semantic = merge_panoptic(
-            jnp.zeros((b, 1, m, m), jnp.float32),
-            jnp.zeros((b, 1, 4), jnp.float32),
-            jnp.zeros((b, 1), jnp.int32),
-            jnp.zeros((b, 1), jnp.float32),
-            jnp.zeros((b, 1), bool),
-            jnp.zeros((b, 1), jnp.float32),
+        semantic = stuff_labels(
             stuff_logits,
             image_shape,
-            stuff_area_limit=0,
-            stuff_stride=stride,
-            **merge_kwargs,
-        )["id_map"]
+            image_size=image_size,
+            num_thing_classes=num_things,
+            stride=stride,
+        )
         return {
             "boxes": out["boxes"],
             "scores": out["scores"],
@@ -339,7 +327,7 @@ def make_inference_fn(
             "valid": out["valid"],
             "masks": out["masks"],
             "srm_scores": out["srm_scores"],
-            "stuff_labels": jnp.where(semantic > 0, semantic - 2, -1),
+            "stuff_labels": semantic,
             "panoptic": panoptic,
         }
 

@@ -297,6 +297,41 @@ def _upsample_taps(out_len: int, in_len: int, stride: int) -> tuple[jax.Array, .
     return i0, i1, frac
 
 
+@functools.partial(
+    jax.jit, static_argnames=("image_size", "num_thing_classes", "stride", "row_block")
+)
+def stuff_labels(
+    stuff_logits: jax.Array,
+    image_shape: jax.Array,
+    *,
+    image_size: tuple[int, int],
+    num_thing_classes: int,
+    stride: int = 4,
+    row_block: int = 64,
+) -> jax.Array:
+    """The stuff prediction the merge uses: argmax over stuff classes after upsampling.
+
+    Args:
+        stuff_logits: [B, h, w, K] float32 logits over all K = T + S panoptic classes.
+        image_shape: [B, 2] int32 un-padded (h, w); pixels outside are -1.
+        image_size: (Hp, Wp) static padded size.
+        num_thing_classes: T (the stuff channels are T..K-1).
+        stride: static upsampling factor of the logits.
+        row_block: static output rows per ``lax.map`` step (memory only).
+
+    Returns:
+        [B, Hp, Wp] int32 stuff index in ``0..S-1`` (class T + index), -1 outside the image.
+    """
+    height, width = image_size
+
+    def one(logits: jax.Array, shape: jax.Array) -> jax.Array:
+        labels = _stuff_labels(logits[..., num_thing_classes:], image_size, stride, row_block)
+        inside = (jnp.arange(height)[:, None] < shape[0]) & (jnp.arange(width)[None, :] < shape[1])
+        return jnp.where(inside, labels, -1)
+
+    return jax.vmap(one)(stuff_logits.astype(jnp.float32), image_shape)
+
+
 def _stuff_labels(
     logits: jax.Array, image_size: tuple[int, int], stride: int, row_block: int
 ) -> jax.Array:

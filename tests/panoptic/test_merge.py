@@ -384,3 +384,33 @@ def test_no_recompilation_for_new_values():
     for seed in (101, 102):
         _merge(_random_inputs(seed), stuff_area_limit=60)
     assert pm._merge_panoptic._cache_size() == size
+
+
+def test_stuff_labels_equal_the_merge_stuff_assignment():
+    """stuff_labels is the merge's own stuff argmax: a merge with no instance and no area limit
+    paints every in-image pixel with segment D + 1 + s."""
+    from oanet_jax.panoptic.merge import merge_panoptic, stuff_labels
+
+    rng = np.random.default_rng(3)
+    b, t, s, d = 2, 2, 3, 1
+    logits = jnp.asarray(rng.normal(size=(b, 8, 12, t + s)), jnp.float32)
+    shape = jnp.array([[32, 48], [25, 30]], jnp.int32)
+    zeros = jnp.zeros
+    id_map = merge_panoptic(
+        zeros((b, d, 28, 28)),
+        zeros((b, d, 4)),
+        zeros((b, d), jnp.int32),
+        zeros((b, d)),
+        zeros((b, d), bool),
+        zeros((b, d)),
+        logits,
+        shape,
+        image_size=(32, 48),
+        num_thing_classes=t,
+        stuff_area_limit=0,
+    )["id_map"]
+    labels = stuff_labels(logits, shape, image_size=(32, 48), num_thing_classes=t)
+    expected = np.where(np.asarray(id_map) > 0, np.asarray(id_map) - (d + 1), -1)
+    np.testing.assert_array_equal(np.asarray(labels), expected)
+    assert (np.asarray(labels)[1, 25:] == -1).all() and (np.asarray(labels)[1, :, 30:] == -1).all()
+    assert set(np.unique(np.asarray(labels)[0])) <= {0, 1, 2}
