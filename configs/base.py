@@ -167,4 +167,16 @@ def get_config() -> ml_collections.ConfigDict:
     e.instance_score_thresh = 0.5
     e.mask_threshold = 0.5
     e.orderings = ("score", "srm")
+    # Evaluation during training: every this many steps (0 = only at the end of training when
+    # `at_end`), on the first `num_images` images of the eval split (0 = all of it).
+    e.every_steps = 0
+    e.num_images = 0
+    e.at_end = True
+    # Checkpoint kept as "best" by this metric of the first ordering in `orderings`.
+    e.best_metric = "PQ"
+    # PQ statistics: 'host' (numpy, in memory) or 'device' (jitted accumulation on the
+    # accelerator, inside the evaluation step). Both equal panopticapi's pq_compute.
+    e.pq_backend = "device"
+    # Also write COCO panoptic PNGs + predictions JSON (for submissions); off by default.
+    e.write_predictions = False
     return c

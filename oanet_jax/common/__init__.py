@@ -1,0 +1,1 @@
+"""Host utilities shared by training, evaluation, data generation and benchmarks."""
