@@ -1,47 +1,9 @@
-"""Trains OANet: a thin entry point around `oanet_jax.train.loop.train_and_evaluate`.
+"""Trains OANet (same as `oanet-train`); see `oanet_jax/train/main.py` for the flags.
 
-Usage:
-
-    python scripts/train.py --config configs/synthetic.py --workdir runs/synthetic \
-        [--config.train.num_steps=20 --config.train.batch_size=8 ...]
-
-Rerunning the same command resumes from the latest checkpoint in --workdir. SIGTERM / Ctrl-C save a
-checkpoint at the current step and exit with status 0. With the synthetic configs the dataset is
-generated at `config.data.root` if it does not exist. Does not import torch.
+    python scripts/train.py --config configs/synthetic.py --workdir workdir/synthetic
 """
 
-from __future__ import annotations
-
-import os
-import pathlib
-import sys
-
-# Quiet TensorFlow's C++ logging (the input pipeline imports it); the caller's values win.
-# TensorFlow only moves numpy data here, so its oneDNN kernels (and their banner) are not needed.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, events.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-    """Runs training with the parsed config."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from oanet_jax.train import loop
-
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
+from oanet_jax.train.main import main
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

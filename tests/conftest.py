@@ -5,7 +5,6 @@ it is installed. XLA_FLAGS must be set before jax initialises its backends.
 """
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,7 +21,6 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The real COCO panoptic sample lives in the shared folder beside the repository.
 COCO_SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
