@@ -1,6 +1,6 @@
 """Trains OANet (same as `oanet-train`); see `oanet_jax/train/main.py` for the flags.
 
-    python scripts/train.py --config configs/synthetic.py --workdir workdir/synthetic
+python scripts/train.py --config configs/synthetic.py --workdir workdir/synthetic
 """
 
 from oanet_jax.train.main import main

@@ -760,7 +760,9 @@ def generate(
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description="Writes the synthetic occlusion dataset in COCO panoptic format.")
+    p = argparse.ArgumentParser(
+        description="Writes the synthetic occlusion dataset in COCO panoptic format."
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-images", type=int, required=True, help="number of training images")
     p.add_argument(
@@ -783,9 +785,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_val = (
         args.num_val_images if args.num_val_images is not None else max(1, args.num_images // 10)
     )
-    stats = generate(
-        args.out, args.num_images, num_val, args.seed, tuple(args.size), args.format
-    )
+    stats = generate(args.out, args.num_images, num_val, args.seed, tuple(args.size), args.format)
     h, w = args.size
     print(f"wrote {args.out}: {args.num_images} train + {num_val} val images of {h}x{w}")
     for split in ("train", "val"):

@@ -7,6 +7,10 @@ Layout under the work directory::
     workdir/checkpoints/<step>/metadata/   a JSON item: step, data seed, data position (number of
                                            training batches consumed), global batch size, time
     workdir/checkpoints_corrupt/<step>/    checkpoints found unreadable at restore, moved aside
+    workdir/checkpoints_best/<step>/       the best checkpoint by an evaluation metric (PQ by
+                                           default), kept besides the last ``keep`` periodic ones;
+                                           its metadata holds the metric (``best_metric``,
+                                           ``best_value``)
 
 Checkpoint ``<step>`` holds the state after ``step`` optimizer updates; a run resumed from it reads
 the input stream from batch ``data_position`` (== ``step``), so it sees exactly the batches that the
@@ -27,6 +31,7 @@ the config changed) is NOT treated as corrupt: :class:`CheckpointMismatchError` 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -39,6 +44,7 @@ from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
+BEST_DIR = "checkpoints_best"
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 
@@ -134,17 +140,25 @@ class TrainCheckpointManager:
         keep: int,
         async_save: bool = True,
         read_only: bool = False,
+        subdir: str = CHECKPOINT_DIR,
+        best_metric: str | None = None,
     ):
-        """Opens (creating unless ``read_only``) ``workdir/checkpoints``.
+        """Opens (creating unless ``read_only``) ``workdir/<subdir>``.
 
         Args:
             workdir: the run's work directory.
             every_steps: :meth:`should_save` is True at multiples of it (<= 0: never).
-            keep: number of checkpoints kept (<= 0 keeps all).
+            keep: number of checkpoints kept (<= 0 keeps all); with ``best_metric``, the ``keep``
+                best by that metric (orbax ``best_fn``, higher is better).
             async_save: write files in a background thread.
             read_only: never write or delete (evaluation / export).
+            subdir: folder under ``workdir`` (``checkpoints`` or ``checkpoints_best``).
+            best_metric: rank checkpoints by this entry of the ``metrics`` given to :meth:`save`
+                (checkpoints saved without it are not kept).
         """
         self.workdir = os.path.abspath(workdir)
+        self.subdir = subdir
+        self.best_metric = best_metric
         self.every_steps = int(every_steps)
         self.keep = int(keep)
         self.async_save = bool(async_save)
@@ -155,6 +169,9 @@ class TrainCheckpointManager:
             create=not self.read_only,
             cleanup_tmp_directories=not self.read_only,
             read_only=self.read_only,
+            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+            best_mode="max",
+            keep_checkpoints_without_metrics=best_metric is None,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=_item_handlers()
@@ -172,10 +189,23 @@ class TrainCheckpointManager:
             **kwargs,
         )
 
+    @classmethod
+    def best_from_config(cls, config: Any, workdir: str) -> TrainCheckpointManager:
+        """The manager of ``workdir/checkpoints_best``: the single best checkpoint by
+        ``config.eval.best_metric`` (of the first ordering in ``config.eval.orderings``)."""
+        return cls(
+            workdir,
+            every_steps=0,
+            keep=1,
+            async_save=bool(config.checkpoint.async_save),
+            subdir=BEST_DIR,
+            best_metric=str(config.eval.best_metric),
+        )
+
     @property
     def directory(self) -> str:
-        """``workdir/checkpoints``."""
-        return os.path.join(self.workdir, CHECKPOINT_DIR)
+        """``workdir/<subdir>`` (``workdir/checkpoints`` by default)."""
+        return os.path.join(self.workdir, self.subdir)
 
     @property
     def corrupt_directory(self) -> str:
@@ -191,12 +221,50 @@ class TrainCheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def best(self) -> tuple[int, float] | None:
+        """(step, metric value) of the best checkpoint kept, or None (``best_metric`` managers)."""
+        steps = self.all_steps()
+        if not steps or self.best_metric is None:
+            return None
+        step = self._manager.best_step()
+        if step is None:
+            return None
+        return int(step), float(self.read_metadata(int(step))["best_value"])
+
+    def save_if_best(
+        self, step: int, state: Any, metadata: Mapping[str, Any], value: float
+    ) -> bool:
+        """Saves ``state`` when ``value`` of ``best_metric`` beats the best kept so far.
+
+        Args:
+            step: the step of ``state``.
+            state: the TrainState.
+            metadata: JSON-serialisable dict (``best_metric`` and ``best_value`` are added).
+            value: the metric of this step (higher is better; NaN never saves).
+
+        Returns:
+            True when a checkpoint was saved (it is now the best one; orbax deletes the older).
+        """
+        if self.best_metric is None:
+            raise RuntimeError("save_if_best needs a manager with best_metric")
+        current = self.best()
+        if math.isnan(value) or (current is not None and value <= current[1]):
+            return False
+        meta = {**metadata, "best_metric": self.best_metric, "best_value": float(value)}
+        return self.save(step, state, meta, metrics={self.best_metric: float(value)})
+
     def should_save(self, step: int) -> bool:
         """True at multiples of ``every_steps`` (periodic checkpoints)."""
         return self.every_steps > 0 and step > 0 and step % self.every_steps == 0
 
     def save(
-        self, step: int, state: Any, metadata: Mapping[str, Any], *, wait: bool = False
+        self,
+        step: int,
+        state: Any,
+        metadata: Mapping[str, Any],
+        *,
+        wait: bool = False,
+        metrics: Mapping[str, float] | None = None,
     ) -> bool:
         """Saves ``state`` and ``metadata`` as checkpoint ``step`` (skipped if it exists).
 
@@ -206,6 +274,7 @@ class TrainCheckpointManager:
                 copy happens before this returns, so the caller may donate the buffers afterwards.
             metadata: JSON-serialisable dict (the ``step`` key is set to ``step``).
             wait: block until the files are written (and the checkpoint is committed).
+            metrics: scalars orbax ranks checkpoints by (``best_metric`` managers).
 
         Returns:
             True if a save was started, False if checkpoint ``step`` already exists.
@@ -228,6 +297,7 @@ class TrainCheckpointManager:
                     METADATA_ITEM: ocp.args.JsonSave(meta),
                 }
             ),
+            metrics=dict(metrics) if metrics is not None else None,
             force=True,
         )
         if wait:
@@ -368,16 +438,18 @@ class _Corrupt(Exception):
 
 
 def restore_variables(
-    workdir: str, step: int | None = None, *, shardings: Any = None
+    workdir: str, step: int | None = None, *, shardings: Any = None, best: bool = False
 ) -> tuple[dict[str, Any], int]:
     """Restores the model variables (no optimizer state) for evaluation or export.
 
-    Reads ``workdir/checkpoints`` read-only: the latest readable step (an unreadable one is
-    reported with a warning and the previous one used) or ``step``.
+    Reads ``workdir/checkpoints`` (or ``workdir/checkpoints_best`` with ``best``) read-only: the
+    latest readable step (an unreadable one is reported with a warning and the previous one used)
+    or ``step``.
 
     Args:
         workdir: the training run's work directory.
         step: a specific step, or None for the latest readable checkpoint.
+        best: read the best checkpoint (kept by evaluation during training) instead.
         shardings: optional pytree of shardings matching ``{'params': ..., 'batch_stats': ...}``
             (e.g. from ``create_train_state``); default: every array on the first local device.
 
@@ -389,7 +461,9 @@ def restore_variables(
         FileNotFoundError: no checkpoint (or not the requested step).
         NoReadableCheckpointError: none of the candidate checkpoints could be read.
     """
-    manager = TrainCheckpointManager(workdir, every_steps=0, keep=0, read_only=True)
+    manager = TrainCheckpointManager(
+        workdir, every_steps=0, keep=0, read_only=True, subdir=BEST_DIR if best else CHECKPOINT_DIR
+    )
     try:
         steps = manager.all_steps()
         if step is not None:

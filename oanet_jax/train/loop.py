@@ -28,7 +28,6 @@ errors all use this k.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from oanet_jax.common.metric_writer import MetricWriter
 from oanet_jax.train import checkpoint as ckpt_lib
 
 # Batch keys the train step consumes; the pipeline's bookkeeping keys (image_id int64, orig_shape,
@@ -206,58 +206,6 @@ def _truncate_metrics(path: str, last_step: int) -> int:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
-
-
-@functools.cache
-def _scalar_metadata() -> bytes:
-    """Serialized SummaryMetadata of TensorBoard's scalars plugin."""
-    from tensorflow.core.framework import summary_pb2
-
-    md = summary_pb2.SummaryMetadata()
-    md.plugin_data.plugin_name = "scalars"
-    return md.SerializeToString()
-
-
-class _MetricsWriter:
-    """metrics.jsonl + TensorBoard scalars (process 0 only)."""
-
-    def __init__(self, workdir: str, enabled: bool):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
-        self._file = None
-        self._tb = None
-        if enabled:
-            import tensorflow as tf
-
-            self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-            self._tb = tf.summary.create_file_writer(self.tb_dir)
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        import tensorflow as tf
-
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        # json.dumps writes NaN/Infinity literals for non-finite values (Python's json reads them).
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        # tf.summary.scalar needs the tensorboard package; tf.summary.write with the scalars
-        # plugin's metadata writes the same event (a float32 [] tensor tagged for the plugin).
-        with self._tb.as_default(step=int(step)):
-            for k, v in scalars.items():
-                tf.summary.write(
-                    f"train/{k}", tf.constant(float(v), tf.float32), metadata=_scalar_metadata()
-                )
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
 
 
 class _Accumulator:
@@ -438,7 +386,7 @@ def train_and_evaluate(
         dropped = _truncate_metrics(metrics_path, start_step)
         if dropped:
             logging.info("Dropped %d metrics.jsonl lines after step %d", dropped, start_step)
-    writer = _MetricsWriter(workdir, enabled=is_main)
+    writer = MetricWriter(metrics_path, os.path.join(workdir, TENSORBOARD_DIR), enabled=is_main)
 
     def metadata(step: int) -> dict[str, Any]:
         return {
@@ -492,7 +440,7 @@ def train_and_evaluate(
             now = time.perf_counter()
             summary = accum.summary(now, global_batch, m)
             summary["skipped_total"] = float(skipped)
-            writer.write(k, summary)
+            writer.write(k, summary, prefix="train/")
             accum.reset(now)
             last_logged = summary
             progress.set_postfix(

@@ -34,7 +34,7 @@ def _main(argv: list[str]) -> None:
 def main() -> None:
     """Console entry point (absl parses sys.argv)."""
     # Quiet TensorFlow's C++ logging (the input pipeline imports it); the caller's values win.
-    # TensorFlow only moves numpy data here, so its oneDNN kernels (and their banner) are not needed.
+    # TensorFlow only moves numpy data here: its oneDNN kernels (and their banner) are not needed.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     app.run(_main)

@@ -258,3 +258,42 @@ def test_init_from_pretrained_overlays_subtree(tmp_path):
     checkpointer.close()
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"(?s)shape.*extra"):
         ckpt_lib.init_from_pretrained(state, shardings, bad_path)
+
+
+def test_best_checkpoint_kept_besides_last_k(tmp_path):
+    """checkpoints_best keeps the single best by the metric; periodic ones keep the last K."""
+    mesh = _mesh()
+    workdir = str(tmp_path)
+    pq_by_step = {2: 40.0, 4: 55.0, 6: 50.0, 8: float("nan"), 10: 54.0}
+    saved = {}
+    with (
+        ckpt_lib.TrainCheckpointManager(workdir, every_steps=2, keep=2, async_save=False) as last,
+        ckpt_lib.TrainCheckpointManager(
+            workdir,
+            every_steps=0,
+            keep=1,
+            async_save=False,
+            subdir=ckpt_lib.BEST_DIR,
+            best_metric="PQ",
+        ) as best,
+    ):
+        for s, pq in pq_by_step.items():
+            state, _ = _make_state(mesh, s, seed=s)
+            last.save(s, state, {"data_seed": 0})
+            saved[s] = best.save_if_best(s, state, {"data_seed": 0}, pq)
+            if s == 4:
+                best_state = jax.device_get(state)
+        assert saved == {2: True, 4: True, 6: False, 8: False, 10: False}
+        assert best.best() == (4, 55.0)
+        assert best.all_steps() == [4] and last.all_steps() == [8, 10]
+    # A reopened manager (a resumed run) still knows the best value.
+    reopened = ckpt_lib.TrainCheckpointManager(
+        workdir, every_steps=0, keep=1, subdir=ckpt_lib.BEST_DIR, best_metric="PQ"
+    )
+    assert reopened.best() == (4, 55.0)
+    state, _ = _make_state(mesh, 12, seed=12)
+    assert not reopened.save_if_best(12, state, {}, 54.9)
+    reopened.close()
+    variables, step = ckpt_lib.restore_variables(workdir, best=True)
+    assert step == 4
+    _assert_equal_trees(variables["params"], best_state.params)

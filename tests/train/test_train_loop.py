@@ -77,29 +77,6 @@ def test_truncate_metrics(tmp_path):
     assert loop._truncate_metrics(str(tmp_path / "missing.jsonl"), 4) == 0
 
 
-def test_metrics_writer_tensorboard_events(tmp_path):
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
-
-    writer = loop._MetricsWriter(str(tmp_path), enabled=True)
-    writer.write(5, {"total": 1.25, "lr": 0.02})
-    writer.write(10, {"total": float("nan"), "lr": 0.002})
-    writer.close()
-    records = [json.loads(x) for x in (tmp_path / loop.METRICS_FILE).read_text().splitlines()]
-    assert records[0] == {"step": 5, "total": 1.25, "lr": 0.02}
-    assert records[1]["step"] == 10 and np.isnan(records[1]["total"])
-    events = {}
-    for f in glob.glob(str(tmp_path / loop.TENSORBOARD_DIR / "events.out.tfevents.*")):
-        for raw in tf.data.TFRecordDataset(f):
-            event = event_pb2.Event.FromString(raw.numpy())
-            for v in event.summary.value:
-                assert v.metadata.plugin_data.plugin_name == "scalars"
-                events[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor))
-    assert events[(5, "train/total")] == 1.25
-    assert events[(10, "train/lr")] == np.float32(0.002)
-    assert np.isnan(events[(10, "train/total")])
-
-
 def test_sample_batch_matches_pipeline(tmp_path):
     from configs import tiny
     from oanet_jax.data import pipeline
