@@ -1,43 +1,32 @@
-"""Timing of multi-level RoIAlign: ours (jitted JAX) against torchvision's C++ kernel on the CPU.
+"""Ops section: RoIAlign and NMS against torchvision's C++ kernels on this machine's CPU.
 
-Setting (Mask R-CNN FPN): one 1024x1024 image, P2..P5 (strides 4..32) with 256 channels, 512
-proposal-like boxes (log-uniform sizes 16..700 px, aspect 1:2..2:1, clipped to the image),
+RoIAlign (Mask R-CNN FPN setting): one 1024x1024 image, P2..P5 (strides 4..32) with 256 channels,
+512 proposal-like boxes (log-uniform sizes 16..700 px, aspect 1:2..2:1, clipped to the image),
 aligned=True, detectron2's level assignment. torchvision runs ``roi_align`` once per level on that
 level's boxes and scatters the results back, as ``MultiScaleRoIAlign`` does (which itself only
-supports aligned=False). Medians over ``repeats`` calls; compilation and a warm-up call excluded.
+supports aligned=False).
 
-Usage: ``python scripts/bench_roi_align.py [--repeats 5] [--boxes 512]`` prints a JSON dict.
+NMS: boxes like RPN proposals in a 1024 square image (uniform centres, log-uniform sides from 16
+to 512 px, clipped), scores uniform random.
+
+Medians over ``repeats`` calls, warm-up (compilation) excluded, through `oanet_jax.bench.timing`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import pathlib
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
-
-try:  # torch must be imported before tensorflow (and so before anything that may import it).
-    import torch
-    import torchvision
-except ImportError:  # pragma: no cover - torchvision side is skipped
-    torch = None
-    torchvision = None
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
+import torchvision
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from oanet_jax.ops.roi_align import (  # noqa: E402
-    _default_cap,
-    assign_levels,
-    multilevel_roi_align,
-)
+from oanet_jax.bench.timing import time_fn, time_interleaved
+from oanet_jax.ops.nms import nms as nms_op
+from oanet_jax.ops.roi_align import _default_cap, assign_levels, multilevel_roi_align
 
 
 def make_inputs(
@@ -62,20 +51,9 @@ def make_inputs(
     return features, boxes[None].astype(np.float32)
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each function, calls interleaved so load changes hit all alike.
-
-    Each function is called once first (warm-up, compilation for jitted ones), untimed.
-    """
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+def _interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median ms of each function (`timing.time_interleaved`, one warm-up call each)."""
+    return {k: 1e3 * t["median_s"] for k, t in time_interleaved(fns, repeats=repeats).items()}
 
 
 def _torchvision_multilevel(
@@ -104,7 +82,7 @@ def _torchvision_multilevel(
     return result
 
 
-def bench_roi_align(
+def roi_align(
     num_boxes: int = 512,
     image_size: int = 1024,
     channels: int = 256,
@@ -160,7 +138,7 @@ def bench_roi_align(
                     feats_t, boxes_t, out, strides, sr, aligned
                 )
             with torch.no_grad() if use_tv else contextlib.nullcontext():
-                case: dict[str, Any] = _interleaved_medians(fns, repeats)
+                case: dict[str, Any] = _interleaved_ms(fns, repeats)
                 if use_tv:
                     ref = fns["torchvision_ms"]().permute(0, 2, 3, 1).numpy()
             ours = np.asarray(fn(feats_j, boxes_j))[0]
@@ -177,9 +155,9 @@ def bench_roi_align(
             cases[f"{out}x{out}_sr{sr}"] = case
     # Share of ours spent copying the pyramid into one flat buffer (part of ours_ms).
     concat = jax.jit(lambda fs: jnp.concatenate([f.reshape(1, -1, channels) for f in fs], axis=1))
-    concat_ms = _interleaved_medians(
-        {"concat": lambda: concat(feats_j).block_until_ready()}, repeats
-    )["concat"]
+    concat_ms = _interleaved_ms({"concat": lambda: concat(feats_j).block_until_ready()}, repeats)[
+        "concat"
+    ]
     return {
         "setting": {
             "num_boxes": num_boxes,
@@ -198,22 +176,84 @@ def bench_roi_align(
     }
 
 
-def main() -> None:
-    """Command-line entry point: prints the benchmark dict as JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boxes", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-sampling-ratio", type=int, default=None)
-    parser.add_argument("--no-torchvision", action="store_true")
-    args = parser.parse_args()
-    result = bench_roi_align(
-        num_boxes=args.boxes,
-        repeats=args.repeats,
-        max_sampling_ratio=args.max_sampling_ratio,
-        with_torchvision=not args.no_torchvision,
+def make_proposals(
+    num_boxes: int, image_size: float = 1024.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random RPN-like boxes.
+
+    Returns:
+      boxes: [num_boxes, 4] float32 (x1, y1, x2, y2); scores: [num_boxes] float32 in [0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    cx, cy = rng.uniform(0.0, image_size, (2, num_boxes))
+    w, h = np.exp(rng.uniform(np.log(16.0), np.log(512.0), (2, num_boxes)))
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    boxes = boxes.clip(0.0, image_size).astype(np.float32)
+    scores = rng.uniform(size=num_boxes).astype(np.float32)
+    return boxes, scores
+
+
+def nms(
+    num_boxes: int = 10000,
+    repeats: int = 7,
+    iou_threshold: float = 0.7,
+    max_output: int = 1000,
+    tile_size: int = 256,
+    image_size: float = 1024.0,
+    seed: int = 0,
+) -> dict:
+    """Median wall times (ms) of ours and torchvision.ops.nms on the same random proposals.
+
+    Args:
+      num_boxes: N, number of input boxes.
+      repeats: timed runs per function (after one untimed warm-up run).
+      iou_threshold: NMS IoU threshold.
+      max_output: output length of the "topk" JAX run; a second JAX run uses max_output = N.
+      tile_size: JAX NMS tile size.
+      image_size: side of the square image the boxes live in.
+      seed: numpy seed of the box generator.
+
+    Returns:
+      dict with num_boxes, iou_threshold, max_output, tile_size, num_kept (torchvision),
+      torchvision_ms, jax_ms (max_output), jax_all_ms (max_output = N), speedup and speedup_all
+      (torchvision_ms / jax time, > 1 means ours is faster) and matches (both JAX outputs equal
+      torchvision's kept list, truncated).
+    """
+    boxes, scores = make_proposals(num_boxes, image_size, seed)
+    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+    jb, js = jax.device_put(boxes), jax.device_put(scores)
+
+    ref = torchvision.ops.nms(tb, ts, iou_threshold).numpy()
+    torch_ms = (
+        1e3
+        * time_fn(lambda: torchvision.ops.nms(tb, ts, iou_threshold), repeats=repeats)["median_s"]
     )
-    print(json.dumps(result, indent=1))
+
+    def run(k: int) -> tuple[jax.Array, jax.Array]:
+        return jax.block_until_ready(nms_op(jb, js, iou_threshold, k, tile_size=tile_size))
+
+    jax_ms = 1e3 * time_fn(lambda: run(max_output), repeats=repeats)["median_s"]
+    jax_all_ms = 1e3 * time_fn(lambda: run(num_boxes), repeats=repeats)["median_s"]
+
+    matches = True
+    for k in (max_output, num_boxes):
+        idx, valid = (np.asarray(a) for a in run(k))
+        matches &= bool(np.array_equal(idx[valid], ref[:k]))
+    return {
+        "num_boxes": num_boxes,
+        "iou_threshold": iou_threshold,
+        "max_output": max_output,
+        "tile_size": tile_size,
+        "num_kept": len(ref),
+        "torchvision_ms": torch_ms,
+        "jax_ms": jax_ms,
+        "jax_all_ms": jax_all_ms,
+        "speedup": torch_ms / jax_ms,
+        "speedup_all": torch_ms / jax_all_ms,
+        "matches": matches,
+    }
 
 
-if __name__ == "__main__":
-    main()
+def run() -> dict:
+    """The section: RoIAlign cases and NMS with 1,000 and with all outputs."""
+    return {"roi_align": roi_align(), "nms": [nms(max_output=1000), nms(max_output=10000)]}

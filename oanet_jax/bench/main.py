@@ -1,0 +1,74 @@
+"""`oanet-benchmark SECTION [SECTION ...]`: speed side by side with the peers on this machine.
+
+Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
+  ops    RoIAlign (512 boxes over P2..P5 of a 1024x1024 image) and NMS (10,000 boxes) vs
+         torchvision's C++ kernels
+  pq     PQ of 500 synthetic 640x480 images: panopticapi's pq_compute vs our file path, the
+         in-memory path and the jitted on-device path
+  model  jitted ResNet-50 OANet inference on one 800x1344 image vs torchvision's
+         maskrcnn_resnet50_fpn
+  train  ResNet-50 train step at 1024x1024 vs torchvision's maskrcnn_resnet50_fpn training step
+
+Every section times with `oanet_jax.bench.timing` (medians, warm-up excluded), prints its result
+as JSON and writes it to OUT/SECTION.json with a description of the machine, so that
+docs/BENCHMARKS.md cites the file each figure comes from. Needs the test extras (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import platform
+
+SECTIONS = ("ops", "pq", "model", "train")
+
+
+def machine() -> dict:
+    """A description of the machine the numbers come from."""
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the named sections (console entry point)."""
+    import torch  # noqa: F401  (torch before tensorflow: the other order segfaults here)
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("sections", nargs="+", choices=SECTIONS)
+    parser.add_argument("--out", default="docs/benchmarks", help="folder of the JSON results")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.sections:
+        section = importlib.import_module(f"oanet_jax.bench.{name}")
+        result = {"section": name, "machine": machine(), "result": section.run()}
+        text = json.dumps(result, indent=1, default=float)
+        print(text)
+        (out / f"{name}.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
