@@ -100,9 +100,9 @@ def test_metrics_writer_tensorboard_events(tmp_path):
     assert np.isnan(events[(10, "train/total")])
 
 
-def test_sample_batch_matches_pipeline(tmp_path):
+def test_zeros_batch_matches_pipeline(tmp_path):
     from configs import tiny
-    from oanet_jax.data import pipeline
+    from oanet_jax.data import pipeline, spec
 
     config = tiny.get_config()
     config.data.root = str(tmp_path / "data")
@@ -111,8 +111,9 @@ def test_sample_batch_matches_pipeline(tmp_path):
     assert os.path.isfile(tmp_path / "data" / "train" / "panoptic.json")
     ds = pipeline.build_dataset(config, "train", training=True, batch_size=2, seed=0)
     real = next(ds.as_numpy_iterator())
-    sample = loop.sample_batch(config, 2)
-    assert set(sample) == set(loop.TRAIN_BATCH_KEYS)
+    spec.validate(real, config.data, 2, train=False)  # the pipeline yields the full spec
+    sample = spec.zeros_batch(config.data, 2)  # what train_and_evaluate initialises with
+    assert set(sample) == set(spec.TRAIN_KEYS)
     for k, v in sample.items():
         assert v.shape == real[k].shape and v.dtype == real[k].dtype, k
 
