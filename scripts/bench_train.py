@@ -29,35 +29,36 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
+from oanet_jax.data import spec as data_spec  # noqa: E402
 from oanet_jax.modeling.build import build_model  # noqa: E402
 from oanet_jax.train import sharding, state, step  # noqa: E402
 
 
-def make_batch(batch: int, size: int, num_instances: int, max_instances: int, mask_size: int):
-    """A synthetic batch in the pipeline's layout, plus the same ground truth for torchvision."""
+def make_batch(config, num_instances: int):
+    """A synthetic batch of the batch spec, plus the same ground truth for torchvision.
+
+    The layout is `oanet_jax.data.spec.zeros_batch` (train keys), batch size
+    `config.train.batch_size`, square `config.data.image_size`; random images, `num_instances`
+    valid boxes per image with a rectangle mask, random semantic labels.
+    """
+    batch = int(config.train.batch_size)
+    size = int(config.data.image_size[0])
+    mask_size = int(config.data.mask_size)
+    ours = data_spec.zeros_batch(config.data, batch, train=True)
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-    boxes = np.zeros((batch, max_instances, 4), np.float32)
+    images = rng.uniform(0, 255, ours["image"].shape).astype(np.float32)
+    boxes = ours["boxes"]
     xy = rng.uniform(0, size * 0.6, (batch, num_instances, 2))
     wh = rng.uniform(32, size * 0.4, (batch, num_instances, 2))
     boxes[:, :num_instances] = np.concatenate([xy, xy + wh], -1)
-    classes = np.zeros((batch, max_instances), np.int32)
+    classes = ours["classes"]
     classes[:, :num_instances] = rng.integers(0, 80, (batch, num_instances))
-    valid = np.zeros((batch, max_instances), bool)
-    valid[:, :num_instances] = True
-    masks = np.zeros((batch, max_instances, mask_size, mask_size), np.float32)
-    masks[:, :num_instances, mask_size // 4 : -mask_size // 4, mask_size // 8 : -mask_size // 8] = 1
-    semantic = rng.integers(0, 133, (batch, size, size)).astype(np.uint8)
-    ours = {
-        "image": images,
-        "image_shape": np.full((batch, 2), size, np.int32),
-        "boxes": boxes,
-        "classes": classes,
-        "is_crowd": np.zeros((batch, max_instances), bool),
-        "valid": valid,
-        "masks": masks,
-        "semantic": semantic,
-    }
+    ours["valid"][:, :num_instances] = True
+    ours["masks"][
+        :, :num_instances, mask_size // 4 : -mask_size // 4, mask_size // 8 : -mask_size // 8
+    ] = 1
+    ours["semantic"][:] = rng.integers(0, 133, ours["semantic"].shape)
+    ours["image"] = images
     targets = []
     for b in range(batch):
         full = np.zeros((num_instances, size, size), np.uint8)
@@ -96,9 +97,7 @@ def bench_train(batch: int = 2, size: int = 1024, repeats: int = 3, num_instance
     config = base.get_config()
     config.data.image_size = (size, size)
     config.train.batch_size = batch
-    ours_batch, torch_images, targets = make_batch(
-        batch, size, num_instances, config.data.max_instances, config.data.mask_size
-    )
+    ours_batch, torch_images, targets = make_batch(config, num_instances)
 
     model = build_model(config)
     mesh = sharding.make_mesh(config.sharding, devices=jax.devices()[:1])

@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from oanet_jax.panoptic.io import rgb_to_id
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -267,17 +269,11 @@ def _load_json(path: PathLike) -> dict | list:
         raise DataError(f"cannot parse JSON: {e}", reason="bad_json", path=path) from e
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colors to segment ids: ``R + 256 * G + 256**2 * B``.
-
-    Args:
-      rgb: uint8 [H, W, 3].
-
-    Returns:
-      int32 [H, W] segment ids.
-    """
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+def join_root(root: str, path: str) -> str | None:
+    """``path`` relative to the dataset ``root`` (absolute paths kept; empty path -> None)."""
+    if not path:
+        return None
+    return os.path.join(root, path) if root else path
 
 
 def boxes_from_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

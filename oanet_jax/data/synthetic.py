@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -60,6 +59,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from oanet_jax.common.files import write_json
+from oanet_jax.panoptic.io import id_map_to_rgb
 
 PERSON, CAR, BALL, TIE = 1, 2, 3, 5
 SKY, GRASS, WALL = 101, 102, 103
@@ -619,16 +621,6 @@ def overlap_flags(masks: np.ndarray, categories: np.ndarray) -> np.ndarray:
     return (inter & (cats[:, None] != cats[None, :])).any(axis=1)
 
 
-def _id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-
-
 def _write_split(
     out_dir: str, split: str, num: int, seed: int, size: tuple[int, int], image_format: str
 ) -> dict[str, Any]:
@@ -651,7 +643,7 @@ def _write_split(
             Image.fromarray(ex.image).save(os.path.join(image_dir, f"{name}.jpg"), quality=92)
         else:
             Image.fromarray(ex.image).save(os.path.join(image_dir, f"{name}.png"))
-        Image.fromarray(_id_to_rgb(ex.panoptic)).save(os.path.join(pan_dir, f"{name}.png"))
+        Image.fromarray(id_map_to_rgb(ex.panoptic)).save(os.path.join(pan_dir, f"{name}.png"))
         images.append({"id": iid, "file_name": f"{name}.{ext}", "height": h, "width": w})
         pan_anns.append({"image_id": iid, "file_name": f"{name}.png", "segments_info": ex.segments})
         for sid, cat, mask in zip(ex.instance_ids, ex.instance_categories, ex.masks, strict=True):
@@ -680,7 +672,7 @@ def _write_split(
         void_pixels += int((ex.panoptic == 0).sum())
     info = {"description": "oanet_jax synthetic occlusion dataset", "version": "1.0",
             "seed": seed, "split": split}  # fmt: skip
-    _write_json(
+    write_json(
         os.path.join(split_dir, "panoptic.json"),
         {"info": info, "licenses": [], "images": images, "annotations": pan_anns,
          "categories": CATEGORIES},
@@ -688,7 +680,7 @@ def _write_split(
     thing_cats = [
         {k: c[k] for k in ("id", "name", "supercategory")} for c in CATEGORIES if c["isthing"]
     ]
-    _write_json(
+    write_json(
         os.path.join(split_dir, "instances.json"),
         {"info": info, "licenses": [], "images": images, "annotations": inst_anns,
          "categories": thing_cats},
@@ -738,7 +730,7 @@ def generate(
             raise ValueError(f"{name} must be in 0..{MAX_INDEX + 1}, got {n}")
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "categories.json"), CATEGORIES)
+    write_json(os.path.join(out_dir, "categories.json"), CATEGORIES)
     size = (int(size[0]), int(size[1]))
     stats: dict[str, Any] = {
         "train": _write_split(out_dir, "train", num_images, seed, size, image_format),

@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -273,3 +274,57 @@ def masks_to_boxes(masks: jax.Array, threshold: float = 0.5) -> jax.Array:
     boxes = jnp.stack([x1, y1, x2, y2], axis=1).astype(jnp.float32)
     nonempty = jnp.any(rows, axis=1)
     return jnp.where(nonempty[:, None], boxes, 0.0)
+
+
+# --- numpy host twins
+
+
+def crop_and_resize_masks_np(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Host (numpy) twin of :func:`crop_and_resize_masks`: the same op, for the input pipeline.
+
+    Output cell ``(i, j)`` of mask n is the bilinear sample, with zero padding, of mask n at the
+    image point ``(x1 + (j + 0.5) * (x2 - x1) / S, y1 + (i + 0.5) * (y2 - y1) / S)``, with image
+    pixel ``(r, c)`` centred at ``(c + 0.5, r + 0.5)``: ``torch.nn.functional.grid_sample(mask,
+    grid, mode='bilinear', padding_mode='zeros', align_corners=False)`` at those points. One
+    point sample per cell (no area averaging), no thresholding; a 4-corner gather of [N, S, S].
+
+    Differs from the jnp version only in precision: sample positions are computed in float64
+    (jnp: float32), the interpolation weights and the sum in float32.
+
+    Args:
+        masks: [N, H, W] uint8 / bool / float masks (binary: 0/1; uint8 values are taken as-is,
+            so pass 0/1 masks, not 0/255).
+        boxes: [N, 4] float (x1, y1, x2, y2) in the masks' pixel frame.
+        size: S.
+
+    Returns:
+        float32 [N, S, S], in [0, 1] for binary masks.
+    """
+    n, height, width = masks.shape
+    if n == 0:
+        return np.zeros((0, size, size), np.float32)
+    boxes = np.asarray(boxes, np.float64)
+    frac = (np.arange(size, dtype=np.float64) + 0.5) / size
+    vy = boxes[:, 1:2] + frac[None, :] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5  # [N, S]
+    vx = boxes[:, 0:1] + frac[None, :] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5
+    y0 = np.floor(vy)
+    x0 = np.floor(vx)
+    fy = (vy - y0).astype(np.float32)
+    fx = (vx - x0).astype(np.float32)
+    y0 = y0.astype(np.int64)
+    x0 = x0.astype(np.int64)
+
+    def taps(i0, f, limit):
+        out = []
+        for idx, w in ((i0, 1.0 - f), (i0 + 1, f)):
+            inside = (idx >= 0) & (idx < limit)
+            out.append((np.clip(idx, 0, limit - 1), np.where(inside, w, np.float32(0.0))))
+        return out
+
+    batch = np.arange(n)[:, None, None]
+    result = np.zeros((n, size, size), np.float32)
+    for yi, wy in taps(y0, fy, height):
+        for xi, wx in taps(x0, fx, width):
+            vals = masks[batch, yi[:, :, None], xi[:, None, :]].astype(np.float32)
+            result += vals * (wy[:, :, None] * wx[:, None, :])
+    return result

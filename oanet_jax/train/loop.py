@@ -44,20 +44,9 @@ import numpy as np
 from absl import logging
 
 from oanet_jax.common.metric_writer import MetricWriter
+from oanet_jax.data import spec as data_spec
 from oanet_jax.train import checkpoint as ckpt_lib
 
-# Batch keys the train step consumes; the pipeline's bookkeeping keys (image_id int64, orig_shape,
-# scale, flipped, example_valid) stay on the host.
-TRAIN_BATCH_KEYS = (
-    "image",
-    "image_shape",
-    "boxes",
-    "classes",
-    "is_crowd",
-    "valid",
-    "masks",
-    "semantic",
-)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Metrics that are flags / counters, not averaged loss values.
@@ -66,34 +55,6 @@ LOSS_TERMS = ("rpn_cls", "rpn_box", "cls", "box", "mask", "seg", "srm")
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def sample_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
-    """A zero batch with the pipeline's training shapes and dtypes (for state initialisation).
-
-    Args:
-        config: full config (``config.data.image_size``, ``max_instances``, ``mask_size``).
-        batch_size: B.
-
-    Returns:
-        Dict of numpy arrays with the keys of :data:`TRAIN_BATCH_KEYS`: ``image`` float32
-        [B, Hp, Wp, 3], ``image_shape`` int32 [B, 2] (= (Hp, Wp)), ``boxes`` float32 [B, M, 4],
-        ``classes`` int32 [B, M], ``is_crowd`` / ``valid`` bool [B, M], ``masks`` float32
-        [B, M, S, S], ``semantic`` uint8 [B, Hp, Wp] (255).
-    """
-    hp, wp = (int(v) for v in config.data.image_size)
-    m, s = int(config.data.max_instances), int(config.data.mask_size)
-    b = int(batch_size)
-    return {
-        "image": np.zeros((b, hp, wp, 3), np.float32),
-        "image_shape": np.tile(np.array([[hp, wp]], np.int32), (b, 1)),
-        "boxes": np.zeros((b, m, 4), np.float32),
-        "classes": np.zeros((b, m), np.int32),
-        "is_crowd": np.zeros((b, m), np.bool_),
-        "valid": np.zeros((b, m), np.bool_),
-        "masks": np.zeros((b, m, s, s), np.float32),
-        "semantic": np.full((b, hp, wp), 255, np.uint8),
-    }
 
 
 def maybe_generate_synthetic(config: ml_collections.ConfigDict) -> bool:
@@ -296,9 +257,10 @@ def train_and_evaluate(
         config: full config (configs/*.py).
         workdir: output folder (checkpoints, metrics.jsonl, TensorBoard events).
         data_fn: the training stream, called as ``data_fn(config, batch_size=B_host, seed=s,
-            start_step=k)``; it must yield per-host batch dicts (keys of
-            :data:`TRAIN_BATCH_KEYS`, numpy, leading dim B_host) starting at batch ``k`` of the
-            stream of seed ``s`` (exact resume depends on it). Default :func:`train_batches`.
+            start_step=k)``; it must yield per-host batch dicts (at least the keys of
+            :data:`oanet_jax.data.spec.TRAIN_KEYS`, numpy, leading dim B_host) starting at batch
+            ``k`` of the stream of seed ``s`` (exact resume depends on it). Default
+            :func:`train_batches`.
 
     Returns:
         Dict: ``step`` (the last completed step), the means of the last log interval (every loss
@@ -346,7 +308,7 @@ def train_and_evaluate(
     mesh = sharding_lib.make_mesh(config.sharding)
     model = build_model(config)
     state, state_sharding = state_lib.create_train_state(
-        config, model, mesh, sample_batch(config, global_batch)
+        config, model, mesh, data_spec.zeros_batch(config.data, global_batch)
     )
     manager = ckpt_lib.TrainCheckpointManager.from_config(config, workdir)
     data_seed = int(config.seed)
@@ -462,7 +424,7 @@ def train_and_evaluate(
                     break
                 host_batch_np = next(batches)
                 batch = sharding_lib.shard_batch(
-                    {key: host_batch_np[key] for key in TRAIN_BATCH_KEYS}, mesh
+                    {key: host_batch_np[key] for key in data_spec.TRAIN_KEYS}, mesh
                 )
                 state, device_metrics = train_step(state, batch)
                 step += 1

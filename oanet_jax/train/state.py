@@ -72,9 +72,9 @@ def create_train_state(
       config: full config (uses model.freeze_at, train.*, sharding.*, seed).
       model: the OANet module (``build_model(config)``).
       mesh: the device mesh (:func:`oanet_jax.train.sharding.make_mesh`).
-      sample_batch: a batch dict of the input pipeline (numpy or arrays; only the first example
-        is used, for shapes): 'image' [B, Hp, Wp, 3] float32, 'image_shape' [B, 2] int32 and the
-        ground-truth keys.
+      sample_batch: a batch dict of the batch spec, e.g.
+        ``oanet_jax.data.spec.zeros_batch(config.data, B)`` (numpy or arrays; only the first
+        example is used, for shapes).
       seed: init seed (default ``config.seed``); the params, the init sampling stream and the
         training rng are split from ``jax.random.key(seed)``.
 

@@ -56,10 +56,8 @@ def train_step(
 
     Args:
       state: the TrainState (plain arrays).
-      batch: the global batch: 'image' [B, Hp, Wp, 3] float32, 'image_shape' [B, 2] int32,
-        'boxes' [B, M, 4] float32, 'classes' [B, M] int32, 'is_crowd' [B, M] bool, 'valid'
-        [B, M] bool, 'masks' [B, M, S, S] float32, 'semantic' [B, Hp, Wp] uint8 (other keys are
-        ignored).
+      batch: the global batch: the keys of ``oanet_jax.data.spec.TRAIN_KEYS`` with the shapes
+        and dtypes of ``spec.batch_spec(config.data, B, train=True)`` (other keys are ignored).
       model: the OANet module.
       config: full config (model.freeze_at, model.norm, model.*_smooth_l1_beta,
         model.rpn_batch_size_per_image, loss.*, train.*).

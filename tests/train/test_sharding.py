@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
+from oanet_jax.data import spec as data_spec
 from oanet_jax.modeling.build import build_model
 from oanet_jax.train import sharding as sharding_lib
 from oanet_jax.train import state as state_lib
@@ -103,20 +104,17 @@ def test_partition_spec_rules_and_divisibility_fallback():
 
 
 def _synthetic_batch(cfg, b, rng):
-    """A plausible tiny batch (used where the real pipeline is not needed)."""
-    h, w = cfg.data.image_size
-    m, s = cfg.data.max_instances, cfg.data.mask_size
-    return {
-        "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "image_shape": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "image_id": np.arange(b, dtype=np.int64),
-        "boxes": np.tile(np.array([4, 4, 30, 40], np.float32), (b, m, 1)),
-        "classes": np.zeros((b, m), np.int32),
-        "is_crowd": np.zeros((b, m), bool),
-        "valid": np.tile(np.arange(m) < 2, (b, 1)),
-        "masks": np.ones((b, m, s, s), np.float32),
-        "semantic": rng.integers(0, 7, size=(b, h, w)).astype(np.uint8),
-    }
+    """A plausible tiny batch of the batch spec (used where the real pipeline is not needed)."""
+    batch = data_spec.zeros_batch(cfg.data, b, train=True)
+    h, w = batch["semantic"].shape[1:]
+    m = batch["valid"].shape[1]
+    batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
+    batch["image_id"] = np.arange(b, dtype=np.int64)  # a host-side key rides along
+    batch["boxes"][:] = np.array([4, 4, 30, 40], np.float32)
+    batch["valid"][:] = np.arange(m) < 2
+    batch["masks"][:] = 1.0
+    batch["semantic"] = rng.integers(0, 7, size=(b, h, w)).astype(np.uint8)
+    return batch
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])

@@ -77,9 +77,9 @@ def test_truncate_metrics(tmp_path):
     assert loop._truncate_metrics(str(tmp_path / "missing.jsonl"), 4) == 0
 
 
-def test_sample_batch_matches_pipeline(tmp_path):
+def test_zeros_batch_matches_pipeline(tmp_path):
     from configs import tiny
-    from oanet_jax.data import pipeline
+    from oanet_jax.data import pipeline, spec
 
     config = tiny.get_config()
     config.data.root = str(tmp_path / "data")
@@ -88,8 +88,9 @@ def test_sample_batch_matches_pipeline(tmp_path):
     assert os.path.isfile(tmp_path / "data" / "train" / "panoptic.json")
     ds = pipeline.build_dataset(config, "train", training=True, batch_size=2, seed=0)
     real = next(ds.as_numpy_iterator())
-    sample = loop.sample_batch(config, 2)
-    assert set(sample) == set(loop.TRAIN_BATCH_KEYS)
+    spec.validate(real, config.data, 2, train=False)  # the pipeline yields the full spec
+    sample = spec.zeros_batch(config.data, 2)  # what train_and_evaluate initialises with
+    assert set(sample) == set(spec.TRAIN_KEYS)
     for k, v in sample.items():
         assert v.shape == real[k].shape and v.dtype == real[k].dtype, k
 
