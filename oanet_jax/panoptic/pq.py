@@ -51,6 +51,7 @@ __all__ = [
     "PQStatCat",
     "PanopticFormatError",
     "evaluate_id_maps",
+    "ground_truth_table",
     "match_image",
     "pair_counts",
     "pq_compute",
@@ -243,6 +244,41 @@ def pair_counts(
     return uniq >> 32, uniq & _MAX_ID, counts.astype(np.int64)
 
 
+def ground_truth_table(
+    gt_segments: Iterable[Mapping[str, Any]], image: str = "image"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
+    """Ground-truth segments as panopticapi sees them: its ``{id: segment}`` dict, as arrays.
+
+    Duplicate ids: the last entry wins, at the position of the first (a dict's semantics); the
+    table order decides which crowd segment of a category counts (the last one).
+
+    Args:
+      gt_segments: ground-truth segments_info (``id``, ``category_id``, optional ``iscrowd`` and
+        ``area``).
+      image: name of the image for error messages.
+
+    Returns:
+      (ids int64 [N], category ids int64 [N], iscrowd bool [N], JSON areas: list of N ints or
+      None where the JSON has no ``area``).
+
+    Raises:
+      PanopticFormatError: a segment lacks ``id`` or ``category_id`` or has non-integer values.
+    """
+    try:
+        gt_by_id = {int(s["id"]): s for s in gt_segments}
+        ids = np.fromiter(gt_by_id, np.int64, len(gt_by_id))
+        cats = np.fromiter(
+            (int(s["category_id"]) for s in gt_by_id.values()), np.int64, len(gt_by_id)
+        )
+        crowd = np.fromiter(
+            (s.get("iscrowd", 0) == 1 for s in gt_by_id.values()), bool, len(gt_by_id)
+        )
+        areas = [s.get("area") for s in gt_by_id.values()]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PanopticFormatError(f"{image}: malformed ground-truth segments_info ({e!r})") from e
+    return ids, cats, crowd, areas
+
+
 def _index_of(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Position of each `query` value in the unique array `keys` (-1 if absent), int64."""
     if keys.size == 0:
@@ -279,19 +315,7 @@ def match_image(
       PanopticFormatError: malformed prediction (ids in the PNG but not in the JSON or vice versa,
         duplicate ids, id 0 in segments_info, unknown category, missing keys).
     """
-    # Ground truth: panopticapi's {id: segment} dict (later duplicates win, first position kept).
-    try:
-        gt_by_id = {int(s["id"]): s for s in gt_segments}
-        gt_ids = np.fromiter(gt_by_id, np.int64, len(gt_by_id))
-        gt_cat = np.fromiter(
-            (int(s["category_id"]) for s in gt_by_id.values()), np.int64, len(gt_by_id)
-        )
-        gt_crowd = np.fromiter(
-            (s.get("iscrowd", 0) == 1 for s in gt_by_id.values()), bool, len(gt_by_id)
-        )
-        gt_area_json = [s.get("area") for s in gt_by_id.values()]
-    except (KeyError, TypeError, ValueError) as e:
-        raise PanopticFormatError(f"{image}: malformed ground-truth segments_info ({e!r})") from e
+    gt_ids, gt_cat, gt_crowd, gt_area_json = ground_truth_table(gt_segments, image)
 
     # Prediction: strict.
     pred_list = list(pred_segments)
