@@ -194,6 +194,28 @@ def _category_dict(
 # ----------------------------------------------------------------------------- per image
 
 
+def _run_starts(g: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Positions i (ascending, int64) where ``g[i + 1] != g[i]`` or ``p[i + 1] != p[i]``.
+
+    The change flags are scanned 8 at a time (bool bytes viewed as uint64 words), then only the
+    words with a change are expanded: id maps change rarely, so this reads the flags about 8x
+    faster than `np.flatnonzero` on the whole mask.
+
+    Args:
+      g, p: 1-D arrays of the same length n >= 1.
+
+    Returns:
+      int64 [R - 1] positions, R the number of runs.
+    """
+    m = g.size - 1
+    flags = np.zeros(-(-m // 8) * 8, bool)
+    np.not_equal(g[1:], g[:-1], out=flags[:m])
+    flags[:m] |= np.not_equal(p[1:], p[:-1])
+    words = np.flatnonzero(flags.view(np.uint64) != 0)
+    hits = np.flatnonzero(flags.reshape(-1, 8)[words])
+    return words[hits >> 3] * 8 + (hits & 7)
+
+
 def pair_counts(
     gt_ids: np.ndarray, pred_ids: np.ndarray, id_mask: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,9 +245,7 @@ def pair_counts(
     if n == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    change = np.not_equal(g[1:], g[:-1])
-    change |= np.not_equal(p[1:], p[:-1], out=np.empty_like(change))
-    changes = np.flatnonzero(change)
+    changes = _run_starts(g, p)
     bounds = np.empty(changes.size + 2, np.int64)  # run r covers [bounds[r], bounds[r + 1])
     bounds[0] = 0
     np.add(changes, 1, out=bounds[1:-1])

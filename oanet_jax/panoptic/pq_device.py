@@ -53,6 +53,7 @@ from oanet_jax.panoptic.pq import (
 )
 
 __all__ = [
+    "GT_KEYS",
     "DevicePQAccumulator",
     "ground_truth_to_device",
     "pq_stats",
@@ -61,6 +62,9 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- host: ground truth
+
+GT_KEYS = ("index_map", "category", "iscrowd", "area", "valid")
+"""Keys of `ground_truth_to_device`'s dict, in the order of `pq_stats`'s first five arguments."""
 
 
 def ground_truth_to_device(

@@ -26,6 +26,7 @@ from test_pq import (  # the helpers of the host tests, shared
     synthetic_gt,  # noqa: F401 - pytest fixture
 )
 
+from oanet_jax.data import synthetic
 from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.panoptic import io as pio
 from oanet_jax.panoptic import pq, pq_device
@@ -248,3 +249,73 @@ def test_double_match_is_refused():
     assert np.asarray(stats["tp_pairs"]).tolist() == [[2]]
     with pytest.raises(ValueError, match="two matches"):
         pq_device.DevicePQAccumulator([1]).add(stats)
+
+
+def test_merge_output_to_pq_equals_host_path():
+    """What the evaluator does: merge-style padded id maps -> resize_to_original -> pq_stats.
+
+    The host twin: `io.crop_and_resize_to_original` (drops segments that vanish) then
+    `pq.evaluate_id_maps`. Predictions are made at the model's resolution from the ground truth
+    (nearest downsampling, ids renumbered as detection slots / stuff rows, some relabelled, some
+    table rows invalid), so the resize back is lossy and small segments vanish.
+    """
+    rng = np.random.default_rng(7)
+    categories = [{"id": c["id"], "isthing": c["isthing"]} for c in synthetic.CATEGORIES]
+    table = CategoryTable.from_categories(categories)
+    to_contiguous = {d: c for c, d in enumerate(table.dataset_ids)}
+    num_pred, canvas, padded = 40, (96, 112), (64, 64)
+    gt_dev, preds, shapes, origs, host_gt, host_pred = [], [], [], [], [], []
+    for i in range(6):
+        big = (int(rng.integers(40, canvas[0] + 1)), int(rng.integers(40, canvas[1] + 1)))
+        ex = synthetic.generate_example(3, "train", i, big)
+        segs = [dict(s, iscrowd=int(rng.random() < 0.15)) for s in ex.segments]
+        scale = min(padded[0] / big[0], padded[1] / big[1])
+        small = (max(1, int(big[0] * scale)), max(1, int(big[1] * scale)))
+        rows = np.arange(small[0]) * big[0] // small[0]
+        cols = np.arange(small[1]) * big[1] // small[1]
+        down = ex.panoptic[rows[:, None], cols[None, :]]
+        slot = {s["id"]: j + 1 for j, s in enumerate(rng.permutation(segs).tolist())}
+        pred = np.zeros(padded, np.int32)
+        uniq, inverse = np.unique(down, return_inverse=True)
+        lut = np.array([slot.get(int(v), 0) for v in uniq], np.int32)
+        pred[: small[0], : small[1]] = lut[inverse.reshape(down.shape)]
+        category = np.zeros(num_pred, np.int32)
+        valid = np.zeros(num_pred, bool)
+        pred_segs = []
+        for s in segs:
+            cat = s["category_id"] if rng.random() > 0.2 else int(rng.choice(table.dataset_ids))
+            category[slot[s["id"]] - 1] = to_contiguous[cat]
+            valid[slot[s["id"]] - 1] = bool((pred == slot[s["id"]]).any())
+            if valid[slot[s["id"]] - 1]:
+                pred_segs.append({"id": slot[s["id"]], "category_id": cat})
+        valid[len(segs) + 2] = True  # a valid row without pixels: not a segment
+        extra = len(segs) + 1  # a valid segment only in the padding: cropped away
+        pred[small[0] :, :] = extra
+        pred[:, small[1] :] = extra
+        valid[extra - 1] = bool((pred == extra).any())
+        pred_segs.append({"id": extra, "category_id": table.dataset_ids[0]})
+        orig_map, kept = pio.crop_and_resize_to_original(pred, small, big, pred_segs)
+        host_pred.append((orig_map, kept))
+        host_gt.append((ex.panoptic, segs))
+        gt_dev.append(
+            pq_device.ground_truth_to_device(ex.panoptic, segs, to_contiguous, 32, canvas)
+        )
+        preds.append((pred, category, valid))
+        shapes.append(small)
+        origs.append(big)
+    assert sum(len(s) for _, s in host_pred) < sum(int(p[2].sum()) for p in preds)  # vanished
+    id_maps = pq_device.resize_to_original(
+        np.stack([p[0] for p in preds]), np.array(shapes), np.array(origs), canvas_size=canvas
+    )
+    stats = pq_device.pq_stats(
+        *(np.stack([g[k] for g in gt_dev]) for k in pq_device.GT_KEYS),
+        id_maps,
+        np.stack([p[1] for p in preds]),
+        np.stack([p[2] for p in preds]),
+        num_classes=table.num_classes,
+    )
+    acc = pq_device.DevicePQAccumulator(table.dataset_ids)
+    acc.add(stats)
+    _assert_results_equal(
+        acc.result(categories), pq.evaluate_id_maps(host_gt, host_pred, categories)
+    )
