@@ -143,6 +143,7 @@ def ground_truth_to_device(
 
 
 def _resize_one(id_map: jax.Array, image_shape: jax.Array, orig_shape: jax.Array, canvas_size):
+    """One image of `resize_to_original`: [Hp, Wp] ids, (h, w), (H, W) -> int32 [Hmax, Wmax]."""
     hmax, wmax = canvas_size
     h, w = image_shape[0], image_shape[1]
     big_h, big_w = orig_shape[0], orig_shape[1]
@@ -195,6 +196,7 @@ def _pq_one(
     pred_valid,
     num_classes,
 ):
+    """One image of `pq_stats` (same arguments without the batch axis; G, P >= 1)."""
     g = gt_category.shape[0]
     p = pred_category.shape[0]
     key = gt_index.reshape(-1) * (p + 1) + pred_ids.reshape(-1)
@@ -258,6 +260,10 @@ def pq_stats(
     num_classes: int,
 ) -> dict[str, jax.Array]:
     """Per-image PQ matching on device (see the module docstring for the conventions).
+
+    Jitted; a new batch of the same shapes (B, H, W, G >= 1, P >= 1) and C never retraces. Cost
+    per image: one scatter-add over H * W pixels into (G + 2) * (P + 1) int32 bins, then
+    O(G * P) work. Maps must hold values in range (gt 0..G + 1, pred 0..P).
 
     Args:
       gt_index_map: [B, H, W] int32 ground-truth index map (0 void, 1..G rows, G + 1 unlisted).
