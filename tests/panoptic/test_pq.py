@@ -495,3 +495,35 @@ def test_threshold_void_and_crowd_rules_by_hand(tmp_path):
     results = pq.evaluate_id_maps([(gt, gt_segs)], [(pred, pred_segs)], cats)
     _assert_results_equal(results, _ref_results(ref, cat_map))
     assert results["Things"]["n"] == 3 and results["Stuff"]["n"] == 1
+
+
+def test_pair_counts_edge_cases():
+    one = pq.pair_counts(np.array([[3]]), np.array([[4]]))
+    assert [a.tolist() for a in one] == [[3], [4], [1]]
+    same = pq.pair_counts(np.full((5, 7), 2, np.uint8), np.zeros((5, 7), np.int16))
+    assert [a.tolist() for a in same] == [[2], [0], [35]]
+    assert all(a.dtype == np.int64 for a in same)
+    # Non-contiguous views and raw RGBX words masked to 24 bits.
+    gt = np.arange(24, dtype=np.int64).reshape(4, 6)[:, ::2] % 3
+    words = (np.arange(12, dtype=np.uint32) % 2) | np.uint32(0xAB000000)
+    g, p, c = pq.pair_counts(gt.ravel().astype(np.uint32), words, id_mask=0xFFFFFF)
+    expected: dict[tuple[int, int], int] = {}
+    for a, b in zip(gt.ravel().tolist(), (words & 0xFFFFFF).tolist(), strict=True):
+        expected[(a, b)] = expected.get((a, b), 0) + 1
+    assert list(zip(g.tolist(), p.tolist(), strict=True)) == sorted(expected)
+    assert c.tolist() == [expected[k] for k in sorted(expected)]
+    assert np.array_equal(pq.pair_counts(gt, gt)[2], [4, 4, 4])
+
+
+def test_ground_truth_table_is_panopticapis_dict():
+    ids, cats, crowd, areas = pq.ground_truth_table(
+        [
+            {"id": 5, "category_id": 1, "iscrowd": 1, "area": 3},
+            {"id": 9, "category_id": 2},
+            {"id": 5, "category_id": 3, "iscrowd": 0},  # last wins, first position kept
+        ]
+    )
+    assert ids.tolist() == [5, 9] and cats.tolist() == [3, 2]
+    assert crowd.tolist() == [False, False] and areas == [None, None]
+    with pytest.raises(pq.PanopticFormatError, match="img: malformed ground-truth"):
+        pq.ground_truth_table([{"id": 1}], "img")
