@@ -68,27 +68,28 @@ def _shapes(cfg, train: bool):
 def _dims(cfg) -> dict[str, int]:
     m = cfg.model
     h, w = cfg.data.image_size
-    r = m.roi_batch_size_per_image
+    r = m.roi.batch_size_per_image
     return {
         "T": m.num_thing_classes,
         "S": m.num_stuff_classes,
         "A": sum(
-            math.ceil(h / s) * math.ceil(w / s) * len(m.anchor_aspect_ratios) for s in FPN_STRIDES
+            math.ceil(h / s) * math.ceil(w / s) * len(m.rpn.anchor_aspect_ratios)
+            for s in FPN_STRIDES
         ),
         "R": r,
-        "F": int(r * m.roi_positive_fraction),
-        "D": m.test_detections_per_image,
-        "P": 2 * m.mask_pooler_resolution,
+        "F": int(r * m.roi.positive_fraction),
+        "D": m.test.detections_per_image,
+        "P": 2 * m.mask_head.pooler_resolution,
         "h": math.ceil(h / 4),
         "w": math.ceil(w / 4),
-        "hs": math.ceil(h / m.srm_stride),
-        "ws": math.ceil(w / m.srm_stride),
+        "hs": math.ceil(h / m.srm.stride),
+        "ws": math.ceil(w / m.srm.stride),
     }
 
 
 def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
     d = _dims(cfg)
-    b, k = BATCH, cfg.model.rpn_post_nms_topk_train
+    b, k = BATCH, cfg.model.rpn.post_nms_topk_train
     a, r, f, t, p, h, w = d["A"], d["R"], d["F"], d["T"], d["P"], d["h"], d["w"]
     return {
         "rpn_objectness": ((b, a), F32),
@@ -116,7 +117,7 @@ def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
 
 def _expected_inference(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
     d = _dims(cfg)
-    b, k = BATCH, cfg.model.rpn_post_nms_topk_test
+    b, k = BATCH, cfg.model.rpn.post_nms_topk_test
     t, dd, p = d["T"], d["D"], d["P"]
     srm = (b, d["hs"], d["ws"], t)
     return {
