@@ -66,7 +66,7 @@ def test_dtype_is_kept():
     x = jnp.asarray(_rand((1, 4, 6, 2)), jnp.bfloat16)
     out = resize.upsample_bilinear(x, 4)
     assert out.dtype == jnp.bfloat16 and out.shape == (1, 16, 24, 2)
-    want = _torch_up(np.asarray(x.astype(jnp.float32)), scale_factor=4)
+    want = _torch_up(np.array(x.astype(jnp.float32)), scale_factor=4)
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
 
 
