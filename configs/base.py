@@ -80,54 +80,72 @@ def get_config() -> ml_collections.ConfigDict:
     m.num_stuff_classes = 53
     m.compute_dtype = "float32"  # float32 | bfloat16
     m.param_dtype = "float32"
+    # Sections: one frozen dataclass each in oanet_jax/modeling/config.py, field for field.
     # Anchors / RPN
-    m.anchor_sizes = (32, 64, 128, 256, 512)
-    m.anchor_aspect_ratios = (0.5, 1.0, 2.0)
-    m.anchor_offset = 0.0  # detectron2's DefaultAnchorGenerator offset
-    m.rpn_pre_nms_topk_train = 2000
-    m.rpn_pre_nms_topk_test = 1000
-    m.rpn_post_nms_topk_train = 1000
-    m.rpn_post_nms_topk_test = 1000
-    m.rpn_nms_thresh = 0.7
-    m.rpn_min_size = 0.0  # torchvision: 1e-3
-    m.rpn_iou_thresholds = (0.3, 0.7)
-    m.rpn_batch_size_per_image = 256
-    m.rpn_positive_fraction = 0.5
-    m.rpn_box_weights = (1.0, 1.0, 1.0, 1.0)
-    m.rpn_smooth_l1_beta = 0.0
-    # RoI heads
-    m.roi_batch_size_per_image = 512
-    m.roi_positive_fraction = 0.25
-    m.roi_iou_threshold = 0.5
-    m.roi_box_weights = (10.0, 10.0, 5.0, 5.0)
-    m.roi_smooth_l1_beta = 0.0
-    m.box_head_fc_dim = 1024
-    m.box_pooler_resolution = 7
-    m.mask_pooler_resolution = 14
-    m.mask_head_conv_dim = 256
-    m.mask_head_num_convs = 4
-    m.pooler_sampling_ratio = 0
-    m.pooler_aligned = True
-    m.pooler_level_mapper = "detectron2"  # or "torchvision" (parity tests)
-    m.bbox_reg_clamp = math.log(1000.0 / 16)
-    m.test_score_thresh = 0.05
-    m.test_nms_thresh = 0.5
-    m.test_detections_per_image = 100
-    m.test_min_size = 0.0  # torchvision: 1e-2
-    m.test_max_candidates = 2048  # static size of the detection NMS input (see roi_heads)
+    rpn = m.rpn = ml_collections.ConfigDict()
+    rpn.anchor_sizes = (32, 64, 128, 256, 512)
+    rpn.anchor_aspect_ratios = (0.5, 1.0, 2.0)
+    rpn.anchor_offset = 0.0  # detectron2's DefaultAnchorGenerator offset
+    rpn.pre_nms_topk_train = 2000
+    rpn.pre_nms_topk_test = 1000
+    rpn.post_nms_topk_train = 1000
+    rpn.post_nms_topk_test = 1000
+    rpn.nms_thresh = 0.7
+    rpn.min_size = 0.0  # torchvision: 1e-3
+    rpn.iou_thresholds = (0.3, 0.7)
+    rpn.batch_size_per_image = 256
+    rpn.positive_fraction = 0.5
+    rpn.box_weights = (1.0, 1.0, 1.0, 1.0)
+    rpn.smooth_l1_beta = 0.0
+    # RoI heads: sampling, box coding, RoIAlign
+    roi = m.roi = ml_collections.ConfigDict()
+    roi.batch_size_per_image = 512
+    roi.positive_fraction = 0.25
+    roi.iou_threshold = 0.5
+    roi.box_weights = (10.0, 10.0, 5.0, 5.0)
+    roi.smooth_l1_beta = 0.0
+    roi.bbox_reg_clamp = math.log(1000.0 / 16)  # also clamps the RPN's proposal decoding
+    roi.pooler_sampling_ratio = 0
+    roi.pooler_aligned = True
+    roi.pooler_level_mapper = "detectron2"  # or "torchvision" (parity tests)
+    # Box head (2fc) and mask head (conv-upsample, masks twice the pooled size)
+    m.box_head = ml_collections.ConfigDict()
+    m.box_head.fc_dim = 1024
+    m.box_head.pooler_resolution = 7
+    m.mask_head = ml_collections.ConfigDict()
+    m.mask_head.conv_dim = 256
+    m.mask_head.num_convs = 4
+    m.mask_head.pooler_resolution = 14
     # Stuff head (paper Fig. 3)
-    m.stuff_head_channels = 128
-    m.stuff_head_norm = "group_norm"
+    m.stuff_head = ml_collections.ConfigDict()
+    m.stuff_head.channels = 128
+    m.stuff_head.norm = "group_norm"
     # Spatial ranking module
-    m.srm_kernel = "large"  # large (1x7/7x1 GCN block) | 3x3 | 1x1
-    m.srm_kernel_size = 7
-    m.srm_stride = 4  # SRM canvas at this output stride
+    srm = m.srm = ml_collections.ConfigDict()
+    srm.kernel = "large"  # large (1x7/7x1 GCN block) | 3x3 | 1x1
+    srm.kernel_size = 7
+    srm.stride = 4  # SRM canvas at this output stride
+    # Inference
+    test = m.test = ml_collections.ConfigDict()
+    test.score_thresh = 0.05
+    test.nms_thresh = 0.5
+    test.detections_per_image = 100
+    test.min_size = 0.0  # torchvision: 1e-2
+    test.max_candidates = 2048  # static size of the detection NMS input (see roi_heads)
+    # The one home of these two: detections below `instance_score_thresh` are neither pasted into
+    # the SRM canvas nor merged into the panoptic output; masks binarised at `mask_threshold` (>=)
+    # in both.
+    test.instance_score_thresh = 0.5
+    test.mask_threshold = 0.5
 
     # ---------------------------------------------------------------------------- loss
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_weight = 0.25  # lambda of Eq. 1 (Table 1)
     c.loss.srm_weight = 1.0
     c.loss.ignore_label = 255
+    # Semantic loss over chunks of this many stride-4 logit rows (memory; must divide Hp / 4);
+    # 0 computes it in one shot.
+    c.loss.seg_chunk_rows = 0
 
     # ---------------------------------------------------------------------------- train
     t = c.train = ml_collections.ConfigDict()
@@ -164,8 +182,6 @@ def get_config() -> ml_collections.ConfigDict:
     e.batch_size = 8
     e.overlap_threshold = 0.5
     e.stuff_area_limit = 4900
-    e.instance_score_thresh = 0.5
-    e.mask_threshold = 0.5
     e.orderings = ("score", "srm")
     # Evaluation during training: every this many steps (0 = only at the end of training when
     # `at_end`), on the first `num_images` images of the eval split (0 = all of it).

@@ -42,22 +42,22 @@ def get_config() -> ml_collections.ConfigDict:
     m.fpn_channels = 64
     m.num_thing_classes = 4
     m.num_stuff_classes = 3
-    m.anchor_sizes = (8, 16, 32, 64, 128)
-    m.rpn_pre_nms_topk_train = 512
-    m.rpn_pre_nms_topk_test = 256
-    m.rpn_post_nms_topk_train = 128
-    m.rpn_post_nms_topk_test = 64
-    m.rpn_batch_size_per_image = 128
-    m.roi_batch_size_per_image = 64
-    m.box_head_fc_dim = 256
-    m.mask_head_conv_dim = 32
-    m.mask_head_num_convs = 2
+    m.rpn.anchor_sizes = (8, 16, 32, 64, 128)
+    m.rpn.pre_nms_topk_train = 512
+    m.rpn.pre_nms_topk_test = 256
+    m.rpn.post_nms_topk_train = 128
+    m.rpn.post_nms_topk_test = 64
+    m.rpn.batch_size_per_image = 128
+    m.roi.batch_size_per_image = 64
     # Fixed 2x2 sampling: the adaptive grid (0) allocates its cap per bin, which makes the
     # RoIAlign backward (a scatter-add) several times slower on CPU for these small boxes.
-    m.pooler_sampling_ratio = 2
-    m.stuff_head_channels = 32
-    m.test_detections_per_image = 16
-    m.test_max_candidates = 256
+    m.roi.pooler_sampling_ratio = 2
+    m.box_head.fc_dim = 256
+    m.mask_head.conv_dim = 32
+    m.mask_head.num_convs = 2
+    m.stuff_head.channels = 32
+    m.test.detections_per_image = 16
+    m.test.max_candidates = 256
 
     t = c.train
     # Sized so that the README's main command (data generation, training, evaluation) ends in

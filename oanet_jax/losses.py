@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from oanet_jax.ops.resize import upsample_bilinear, upsample_bilinear_rows
+
 Array = jax.Array
 
 
@@ -182,55 +184,6 @@ def mask_loss(mask_logits: Array, classes: Array, targets: Array, is_fg: Array) 
     return jnp.sum(jnp.where(m, bce, 0.0)) / count
 
 
-def _upsample_padded(p: Array, factor: int, axis: int) -> Array:
-    """Bilinear x``factor`` upsampling along ``axis`` of an edge-padded array.
-
-    ``p`` has one replicated row on each side along ``axis`` (length n + 2); the result (length
-    factor * n) equals ``F.interpolate(scale_factor=factor, mode='bilinear',
-    align_corners=False)`` along that axis: output o = factor * j + r samples source position
-    ``j + d_r``, ``d_r = (r + 0.5) / factor - 0.5``; PyTorch's clamping at the borders is what the
-    replicated rows give.
-    """
-    n = p.shape[axis] - 2
-
-    def rows(start: int) -> Array:
-        return jax.lax.slice_in_dim(p, start, start + n, axis=axis)
-
-    below, centre, above = rows(0), rows(1), rows(2)
-    phases = []
-    for r in range(factor):
-        d = (r + 0.5) / factor - 0.5
-        if d < 0:
-            phases.append((-d) * below + (1.0 + d) * centre)
-        else:
-            phases.append((1.0 - d) * centre + d * above)
-    out = jnp.stack(phases, axis=axis + 1)  # [..., n, factor, ...]
-    shape = list(p.shape)
-    shape[axis] = n * factor
-    return out.reshape(shape)
-
-
-def _edge_pad(x: Array, axis: int) -> Array:
-    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
-    return jnp.concatenate([first, x, last], axis=axis)
-
-
-def upsample_bilinear(x: Array, factor: int) -> Array:
-    """``F.interpolate(x, scale_factor=factor, mode='bilinear', align_corners=False)``, NHWC.
-
-    Args:
-      x: [B, h, w, K] float.
-      factor: static integer scale factor.
-
-    Returns:
-      [B, factor * h, factor * w, K] float32.
-    """
-    x = _f32(x)
-    x = _upsample_padded(_edge_pad(x, 1), factor, 1)
-    return _upsample_padded(_edge_pad(x, 2), factor, 2)
-
-
 def semantic_loss(
     logits: Array,
     semantic: Array,
@@ -241,10 +194,10 @@ def semantic_loss(
 ) -> Array:
     """Semantic (stuff + object) segmentation loss of Panoptic FPN: ``L_seg`` of Eq. 1.
 
-    The stride-``scale`` logits are upsampled bilinearly (``align_corners=False``, exactly
-    PyTorch's ``F.interpolate(scale_factor=scale)`` as detectron2's ``SemSegFPNHead``) to the
-    label resolution, then softmax cross entropy is averaged over the non-ignored pixels of the
-    whole batch (``F.cross_entropy(ignore_index=255, reduction='mean')``); 0 if there are none.
+    The stride-``scale`` logits are upsampled bilinearly (`oanet_jax.ops.resize`, PyTorch's
+    ``F.interpolate(scale_factor=scale, align_corners=False)`` as detectron2's ``SemSegFPNHead``)
+    to the label resolution, then softmax cross entropy is averaged over the non-ignored pixels of
+    the whole batch (``F.cross_entropy(ignore_index=255, reduction='mean')``); 0 if there are none.
     Labels outside [0, K) other than ``ignore_label`` are ignored too (they would be an error in
     PyTorch).
 
@@ -281,16 +234,13 @@ def semantic_loss(
     if n <= 0 or h % n:
         raise ValueError(f"chunk_rows={chunk_rows} must divide the logit height {h}")
     num_chunks = h // n
-    padded = _edge_pad(logits, 1)  # [B, h + 2, w, K]
     starts = jnp.arange(num_chunks) * n
     label_chunks = labels.reshape(b, num_chunks, scale * n, scale * w).swapaxes(0, 1)
     valid_chunks = valid.reshape(b, num_chunks, scale * n, scale * w).swapaxes(0, 1)
 
     @jax.checkpoint
     def chunk_loss(start: Array, lab: Array, val: Array) -> Array:
-        rows = jax.lax.dynamic_slice_in_dim(padded, start, n + 2, axis=1)
-        up = _upsample_padded(rows, scale, 1)
-        up = _upsample_padded(_edge_pad(up, 2), scale, 2)
+        up = upsample_bilinear_rows(logits, start, n, scale)  # [B, scale * n, scale * w, K]
         return _cross_entropy_sum(up, lab, val)
 
     sums = jax.lax.map(lambda xs: chunk_loss(*xs), (starts, label_chunks, valid_chunks))

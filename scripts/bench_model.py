@@ -54,11 +54,11 @@ def _oanet_config(dtype: str):
     m = cfg.model
     m.num_thing_classes = 90
     m.compute_dtype = dtype
-    m.pooler_aligned = False
-    m.pooler_sampling_ratio = 2
-    m.pooler_level_mapper = "torchvision"
-    m.rpn_min_size = 1e-3
-    m.test_min_size = 1e-2
+    m.roi.pooler_aligned = False
+    m.roi.pooler_sampling_ratio = 2
+    m.roi.pooler_level_mapper = "torchvision"
+    m.rpn.min_size = 1e-3
+    m.test.min_size = 1e-2
     return cfg
 
 

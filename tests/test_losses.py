@@ -197,16 +197,6 @@ def torch_semantic(logits, labels):
     return loss.item(), x.grad.permute(0, 2, 3, 1).numpy()
 
 
-def test_upsample_bilinear_vs_torch():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
-    for factor in (2, 4):
-        want = F.interpolate(
-            t(x).permute(0, 3, 1, 2), scale_factor=factor, mode="bilinear", align_corners=False
-        ).permute(0, 2, 3, 1)
-        np.testing.assert_allclose(np.asarray(L.upsample_bilinear(x, factor)), want.numpy(), **TOL)
-
-
 @pytest.mark.parametrize("chunk_rows", [None, 1, 3])
 def test_semantic_loss_vs_torch(chunk_rows):
     logits, labels = sem_case(0)

@@ -499,7 +499,7 @@ def _convert_heads(
     )
     cls_rows = None if rows is None else np.concatenate([rows, [0]])  # background last
     box_rows = None if rows is None else (4 * rows[:, None] + np.arange(4)).reshape(-1)
-    p = model.box_pooler_resolution
+    p = model.box_head_config.pooler_resolution
     cin = model.fpn_channels
 
     def conv(w: np.ndarray) -> np.ndarray:

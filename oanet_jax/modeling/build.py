@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 import jax.numpy as jnp
 import ml_collections
 
 from oanet_jax.modeling import resnet
+from oanet_jax.modeling.config import SECTIONS
 from oanet_jax.modeling.oanet import OANet
+
+T = TypeVar("T")
 
 BACKBONES = {
     "resnet18": resnet.resnet18,
@@ -19,66 +25,75 @@ BACKBONES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def section_to_dataclass(section: ml_collections.ConfigDict, cls: type[T], path: str) -> T:
+    """Converts one ConfigDict section into its frozen dataclass, field for field.
+
+    Lists become tuples (the dataclasses must be hashable: they are flax module fields).
+
+    Args:
+      section: e.g. ``config.model.rpn``.
+      cls: the dataclass, e.g. `RPNConfig`.
+      path: dotted name of `section` for error messages, e.g. ``'model.rpn'``.
+
+    Returns:
+      ``cls(**section)``.
+
+    Raises:
+      ValueError: naming every field the config has and the dataclass lacks, or the reverse.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = set(section.keys())
+    problems = [f"{path}.{k} is not a field of {cls.__name__}" for k in sorted(given - names)]
+    problems += [f"{path}.{k} ({cls.__name__} field) is missing" for k in sorted(names - given)]
+    if problems:
+        raise ValueError("Config does not match the model: " + "; ".join(problems))
+    values = {}
+    for k in sorted(names):
+        v = section[k]
+        values[k] = tuple(v) if isinstance(v, list | tuple) else v
+    return cls(**values)
+
+
 def build_model(config: ml_collections.ConfigDict) -> OANet:
-    """Builds OANet from a full config (uses `config.model` and `config.eval`).
+    """Builds OANet from a full config (uses `config.model` only).
 
     Args:
       config: a config from `configs/` (fields as in `configs/base.py`).
 
     Returns:
       An unbound `OANet` module.
+
+    Raises:
+      ValueError: for an unknown backbone or dtype, or a `config.model` section whose fields
+        differ from its dataclass (`oanet_jax.modeling.config.SECTIONS`).
     """
     m = config.model
     if m.backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone {m.backbone!r}; expected one of {sorted(BACKBONES)}.")
+    for name in ("compute_dtype", "param_dtype"):
+        if m[name] not in DTYPES:
+            raise ValueError(f"model.{name}={m[name]!r}; expected one of {sorted(DTYPES)}.")
     dtype = DTYPES[m.compute_dtype]
     param_dtype = DTYPES[m.param_dtype]
     backbone = BACKBONES[m.backbone](
         norm=m.norm, freeze_at=m.freeze_at, dtype=dtype, param_dtype=param_dtype
     )
+
+    def section(name: str) -> Any:
+        return section_to_dataclass(m[name], SECTIONS[name], f"model.{name}")
+
     return OANet(
         backbone=backbone,
         num_thing_classes=m.num_thing_classes,
         num_stuff_classes=m.num_stuff_classes,
         fpn_channels=m.fpn_channels,
-        anchor_sizes=tuple(m.anchor_sizes),
-        anchor_aspect_ratios=tuple(m.anchor_aspect_ratios),
-        anchor_offset=m.anchor_offset,
-        rpn_pre_nms_topk_train=m.rpn_pre_nms_topk_train,
-        rpn_pre_nms_topk_test=m.rpn_pre_nms_topk_test,
-        rpn_post_nms_topk_train=m.rpn_post_nms_topk_train,
-        rpn_post_nms_topk_test=m.rpn_post_nms_topk_test,
-        rpn_nms_thresh=m.rpn_nms_thresh,
-        rpn_min_size=m.rpn_min_size,
-        rpn_iou_thresholds=tuple(m.rpn_iou_thresholds),
-        rpn_batch_size_per_image=m.rpn_batch_size_per_image,
-        rpn_positive_fraction=m.rpn_positive_fraction,
-        rpn_box_weights=tuple(m.rpn_box_weights),
-        roi_batch_size_per_image=m.roi_batch_size_per_image,
-        roi_positive_fraction=m.roi_positive_fraction,
-        roi_iou_threshold=m.roi_iou_threshold,
-        roi_box_weights=tuple(m.roi_box_weights),
-        bbox_reg_clamp=m.bbox_reg_clamp,
-        box_head_fc_dim=m.box_head_fc_dim,
-        box_pooler_resolution=m.box_pooler_resolution,
-        mask_pooler_resolution=m.mask_pooler_resolution,
-        mask_head_conv_dim=m.mask_head_conv_dim,
-        mask_head_num_convs=m.mask_head_num_convs,
-        pooler_sampling_ratio=m.pooler_sampling_ratio,
-        pooler_aligned=m.pooler_aligned,
-        pooler_level_mapper=m.pooler_level_mapper,
-        test_score_thresh=m.test_score_thresh,
-        test_nms_thresh=m.test_nms_thresh,
-        test_detections_per_image=m.test_detections_per_image,
-        test_min_size=m.test_min_size,
-        test_max_candidates=m.test_max_candidates,
-        stuff_head_channels=m.stuff_head_channels,
-        stuff_head_norm=m.stuff_head_norm,
-        srm_kernel=m.srm_kernel,
-        srm_kernel_size=m.srm_kernel_size,
-        srm_stride=m.srm_stride,
-        srm_score_thresh=config.eval.instance_score_thresh,
-        mask_threshold=config.eval.mask_threshold,
+        rpn_config=section("rpn"),
+        roi_config=section("roi"),
+        box_head_config=section("box_head"),
+        mask_head_config=section("mask_head"),
+        stuff_head_config=section("stuff_head"),
+        srm_config=section("srm"),
+        test_config=section("test"),
         dtype=dtype,
         param_dtype=param_dtype,
     )

@@ -27,6 +27,15 @@ import numpy as np
 
 from oanet_jax.modeling import srm as srm_lib
 from oanet_jax.modeling import targets as targets_lib
+from oanet_jax.modeling.config import (
+    BoxHeadConfig,
+    MaskHeadConfig,
+    ROIConfig,
+    RPNConfig,
+    SRMConfig,
+    StuffHeadConfig,
+    TestConfig,
+)
 from oanet_jax.modeling.fpn import FPN
 from oanet_jax.modeling.roi_heads import (
     BoxHead,
@@ -47,7 +56,11 @@ POOLER_STRIDES = (4, 8, 16, 32)  # RoI heads and stuff branch use P2..P5
 
 
 class OANet(nn.Module):
-    """The end-to-end panoptic network. Fields are plain hyperparameters (build.py sets them)."""
+    """The end-to-end panoptic network.
+
+    Fields are plain hyperparameters: a few scalars and one frozen dataclass per section of
+    `config.model` (`oanet_jax.modeling.config`); `oanet_jax.modeling.build` sets them.
+    """
 
     backbone: nn.Module
     """Backbone returning {'res2', ..., 'res5'} (a `resnet.ResNet`)."""
@@ -57,82 +70,20 @@ class OANet(nn.Module):
     """Stuff classes S (contiguous ids T..T+S-1)."""
     fpn_channels: int = 256
     """FPN width (also the RPN's shared conv width)."""
-    anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512)
-    """One anchor size per level P2..P6."""
-    anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
-    """Anchor aspect ratios (h / w), shared by all levels."""
-    anchor_offset: float = 0.0
-    """Anchor centre offset in units of the stride (detectron2's DefaultAnchorGenerator)."""
-    rpn_pre_nms_topk_train: int = 2000
-    """Per-level top-k before NMS, training."""
-    rpn_pre_nms_topk_test: int = 1000
-    """Per-level top-k before NMS, inference."""
-    rpn_post_nms_topk_train: int = 1000
-    """Proposals per image after NMS, training."""
-    rpn_post_nms_topk_test: int = 1000
-    """Proposals per image after NMS, inference."""
-    rpn_nms_thresh: float = 0.7
-    """RPN NMS IoU threshold."""
-    rpn_min_size: float = 0.0
-    """Proposals with a side <= this are dropped (torchvision: 1e-3)."""
-    rpn_iou_thresholds: Sequence[float] = (0.3, 0.7)
-    """Anchor matcher thresholds (negative below the first, positive from the second)."""
-    rpn_batch_size_per_image: int = 256
-    """Anchors sampled per image for the RPN losses."""
-    rpn_positive_fraction: float = 0.5
-    """Positive fraction of the sampled anchors."""
-    rpn_box_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-    """RPN box coder weights."""
-    roi_batch_size_per_image: int = 512
-    """RoIs sampled per image for the box head."""
-    roi_positive_fraction: float = 0.25
-    """Foreground fraction of the sampled RoIs."""
-    roi_iou_threshold: float = 0.5
-    """Foreground IoU threshold of the RoI matcher."""
-    roi_box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
-    """RoI box coder weights."""
-    bbox_reg_clamp: float = float(np.log(1000.0 / 16))
-    """dw/dh clamp of the box decoders."""
-    box_head_fc_dim: int = 1024
-    """Width of the two fc layers of the box head."""
-    box_pooler_resolution: int = 7
-    """RoIAlign output of the box head."""
-    mask_pooler_resolution: int = 14
-    """RoIAlign output of the mask head (its masks are twice this size)."""
-    mask_head_conv_dim: int = 256
-    """Channels of the mask head convs."""
-    mask_head_num_convs: int = 4
-    """Number of 3x3 convs of the mask head."""
-    pooler_sampling_ratio: int = 0
-    """RoIAlign samples per bin (0 = adaptive, detectron2)."""
-    pooler_aligned: bool = True
-    """RoIAlign half-pixel alignment (detectron2 True, torchvision False)."""
-    pooler_level_mapper: str = "detectron2"
-    """FPN level assignment formula: 'detectron2' or 'torchvision'."""
-    test_score_thresh: float = 0.05
-    """Detection score threshold at inference."""
-    test_nms_thresh: float = 0.5
-    """Per-class NMS threshold at inference."""
-    test_detections_per_image: int = 100
-    """Detections per image D (padded)."""
-    test_min_size: float = 0.0
-    """Detections with a side <= this are dropped (torchvision: 1e-2)."""
-    test_max_candidates: int = 2048
-    """Top class-box candidates kept before the detection NMS (static size)."""
-    stuff_head_channels: int = 128
-    """Channels of the stuff branch."""
-    stuff_head_norm: str = "group_norm"
-    """Normalisation of the stuff branch."""
-    srm_kernel: str = "large"
-    """SRM block: 'large' (GCN 1x7/7x1), '3x3' or '1x1'."""
-    srm_kernel_size: int = 7
-    """k of the large-kernel SRM block."""
-    srm_stride: int = 4
-    """Output stride of the SRM canvas."""
-    srm_score_thresh: float = 0.5
-    """At inference, detections with a lower score are not pasted into the SRM canvas."""
-    mask_threshold: float = 0.5
-    """Binarisation threshold of pasted masks (SRM canvas)."""
+    rpn_config: RPNConfig = RPNConfig()
+    """Anchors, proposals and anchor sampling (`config.model.rpn`)."""
+    roi_config: ROIConfig = ROIConfig()
+    """RoI sampling, box coding and RoIAlign pooling (`config.model.roi`)."""
+    box_head_config: BoxHeadConfig = BoxHeadConfig()
+    """Box head width and pooled size (`config.model.box_head`)."""
+    mask_head_config: MaskHeadConfig = MaskHeadConfig()
+    """Mask head convs and pooled size (`config.model.mask_head`)."""
+    stuff_head_config: StuffHeadConfig = StuffHeadConfig()
+    """Stuff branch width and norm (`config.model.stuff_head`)."""
+    srm_config: SRMConfig = SRMConfig()
+    """Spatial ranking module block and stride (`config.model.srm`)."""
+    test_config: TestConfig = TestConfig()
+    """Inference post-processing and SRM thresholds (`config.model.test`)."""
     dtype: Any = jnp.float32
     """Compute dtype of convolutions and dense layers (box math and losses stay float32)."""
     param_dtype: Any = jnp.float32
@@ -140,27 +91,27 @@ class OANet(nn.Module):
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        num_anchors = len(self.anchor_aspect_ratios)
+        num_anchors = len(self.rpn_config.anchor_aspect_ratios)
         self.fpn = FPN(features=self.fpn_channels, **kw)
         self.rpn = RPNHead(num_anchors=num_anchors, channels=self.fpn_channels, **kw)
-        self.box_head = BoxHead(fc_dim=self.box_head_fc_dim, **kw)
+        self.box_head = BoxHead(fc_dim=self.box_head_config.fc_dim, **kw)
         self.box_predictor = BoxPredictor(num_classes=self.num_thing_classes, **kw)
         self.mask_head = MaskHead(
             num_classes=self.num_thing_classes,
-            conv_dim=self.mask_head_conv_dim,
-            num_convs=self.mask_head_num_convs,
+            conv_dim=self.mask_head_config.conv_dim,
+            num_convs=self.mask_head_config.num_convs,
             **kw,
         )
         self.stuff_head = StuffHead(
             num_classes=self.num_thing_classes + self.num_stuff_classes,
-            channels=self.stuff_head_channels,
-            norm=self.stuff_head_norm,
+            channels=self.stuff_head_config.channels,
+            norm=self.stuff_head_config.norm,
             **kw,
         )
         self.srm = srm_lib.SpatialRankingModule(
             num_classes=self.num_thing_classes,
-            kernel=self.srm_kernel,
-            kernel_size=self.srm_kernel_size,
+            kernel=self.srm_config.kernel,
+            kernel_size=self.srm_config.kernel_size,
             **kw,
         )
 
@@ -170,9 +121,9 @@ class OANet(nn.Module):
         return anchor_ops.fpn_anchors(
             image_size,
             strides=FPN_STRIDES,
-            sizes=tuple(self.anchor_sizes),
-            aspect_ratios=tuple(self.anchor_aspect_ratios),
-            offset=self.anchor_offset,
+            sizes=self.rpn_config.anchor_sizes,
+            aspect_ratios=self.rpn_config.anchor_aspect_ratios,
+            offset=self.rpn_config.anchor_offset,
         )
 
     def _pool(self, features: Sequence[Array], boxes: Array, resolution: int) -> Array:
@@ -181,10 +132,19 @@ class OANet(nn.Module):
             boxes,
             resolution,
             strides=POOLER_STRIDES,
-            sampling_ratio=self.pooler_sampling_ratio,
-            aligned=self.pooler_aligned,
-            level_mapper=self.pooler_level_mapper,
+            sampling_ratio=self.roi_config.pooler_sampling_ratio,
+            aligned=self.roi_config.pooler_aligned,
+            level_mapper=self.roi_config.pooler_level_mapper,
         )
+
+    def _box_branch(self, levels: Sequence[Array], boxes: Array) -> dict[str, Array]:
+        """Box head + predictor on [B, K, 4] boxes pooled at the box head's resolution."""
+        pooled = self._pool(levels, boxes, self.box_head_config.pooler_resolution)
+        return self.box_predictor(self.box_head(pooled))
+
+    def _mask_branch(self, levels: Sequence[Array], boxes: Array) -> Array:
+        """Mask head logits [B, K, 2P, 2P, T] on [B, K, 4] boxes (P: mask pooler resolution)."""
+        return self.mask_head(self._pool(levels, boxes, self.mask_head_config.pooler_resolution))
 
     def _trunk(self, batch: dict[str, Array], train: bool) -> dict[str, Any]:
         image = batch["image"]
@@ -196,17 +156,18 @@ class OANet(nn.Module):
         return {"levels": levels, "rpn": rpn_out, "stuff_logits": stuff["logits"]}
 
     def _proposals(self, rpn_out: dict[str, Any], anchors, image_shape: Array, train: bool):
+        rpn = self.rpn_config
         return generate_proposals(
             rpn_out["objectness"],
             rpn_out["deltas"],
             [jnp.asarray(a) for a in anchors],
             image_shape,
-            pre_nms_topk=self.rpn_pre_nms_topk_train if train else self.rpn_pre_nms_topk_test,
-            post_nms_topk=self.rpn_post_nms_topk_train if train else self.rpn_post_nms_topk_test,
-            nms_thresh=self.rpn_nms_thresh,
-            min_size=self.rpn_min_size,
-            box_weights=tuple(self.rpn_box_weights),
-            clamp=self.bbox_reg_clamp,
+            pre_nms_topk=rpn.pre_nms_topk_train if train else rpn.pre_nms_topk_test,
+            post_nms_topk=rpn.post_nms_topk_train if train else rpn.post_nms_topk_test,
+            nms_thresh=rpn.nms_thresh,
+            min_size=rpn.min_size,
+            box_weights=rpn.box_weights,
+            clamp=self.roi_config.bbox_reg_clamp,
         )
 
     # ------------------------------------------------------------------------------ entry
@@ -231,7 +192,7 @@ class OANet(nn.Module):
         """Training forward pass with all targets made on device.
 
         Needs the 'sampling' PRNG stream. Returns a dict with (B images, A anchors, R sampled
-        RoIs, F = int(R * roi_positive_fraction) foreground slots, h x w = Hp/4 x Wp/4):
+        RoIs, F = int(R * roi.positive_fraction) foreground slots, h x w = Hp/4 x Wp/4):
           'rpn_objectness' [B, A], 'rpn_deltas' [B, A, 4], 'rpn_labels' [B, A] int32,
           'rpn_box_targets' [B, A, 4]; 'proposals' [B, K, 4], 'proposal_valid' [B, K];
           'class_logits' [B, R, T+1], 'box_deltas' [B, R, T, 4], 'roi_classes' [B, R],
@@ -259,10 +220,10 @@ class OANet(nn.Module):
                 c,
                 shape,
                 k,
-                iou_thresholds=tuple(self.rpn_iou_thresholds),
-                batch_size_per_image=self.rpn_batch_size_per_image,
-                positive_fraction=self.rpn_positive_fraction,
-                box_weights=tuple(self.rpn_box_weights),
+                iou_thresholds=self.rpn_config.iou_thresholds,
+                batch_size_per_image=self.rpn_config.batch_size_per_image,
+                positive_fraction=self.rpn_config.positive_fraction,
+                box_weights=self.rpn_config.box_weights,
             )
         )(gt_boxes, gt_valid, gt_crowd, batch["image_shape"], jax.random.split(key_rpn, b))
 
@@ -276,10 +237,10 @@ class OANet(nn.Module):
                 c,
                 k,
                 num_classes=self.num_thing_classes,
-                batch_size_per_image=self.roi_batch_size_per_image,
-                positive_fraction=self.roi_positive_fraction,
-                iou_threshold=self.roi_iou_threshold,
-                box_weights=tuple(self.roi_box_weights),
+                batch_size_per_image=self.roi_config.batch_size_per_image,
+                positive_fraction=self.roi_config.positive_fraction,
+                iou_threshold=self.roi_config.iou_threshold,
+                box_weights=self.roi_config.box_weights,
             )
         )(
             props["boxes"],
@@ -292,15 +253,15 @@ class OANet(nn.Module):
         )
 
         levels = trunk["levels"][:4]
-        box_out = self.box_predictor(self.box_head(self._pool(levels, rois["rois"], 7)))
+        box_out = self._box_branch(levels, rois["rois"])
 
         # The sampler puts foreground first: the mask head only needs the first F slots.
-        f = int(self.roi_batch_size_per_image * self.roi_positive_fraction)
+        f = int(self.roi_config.batch_size_per_image * self.roi_config.positive_fraction)
         fg_rois = rois["rois"][:, :f]
-        mask_logits = self.mask_head(self._pool(levels, fg_rois, self.mask_pooler_resolution))
+        mask_logits = self._mask_branch(levels, fg_rois)
         mask_t = jax.vmap(
             lambda m, bx, r, idx: targets_lib.mask_targets(
-                m, bx, r, idx, out_size=2 * self.mask_pooler_resolution
+                m, bx, r, idx, out_size=2 * self.mask_head_config.pooler_resolution
             )
         )(batch["masks"], gt_boxes, fg_rois, rois["matched_gt"][:, :f])
 
@@ -312,7 +273,7 @@ class OANet(nn.Module):
                 v,
                 sem,
                 image_size=image_size,
-                stride=self.srm_stride,
+                stride=self.srm_config.stride,
                 num_thing_classes=self.num_thing_classes,
             )
         )(
@@ -358,31 +319,31 @@ class OANet(nn.Module):
           'stuff_logits' [B, h, w, T+S]; 'srm_logits' [B, h', w', T], 'srm_map' (softmax),
           'srm_scores' [B, D] (Eq. 3 ranking scores; 0 for detections not in the canvas).
         """
+        test = self.test_config
         image_size = tuple(batch["image"].shape[1:3])
         trunk = self._trunk(batch, train=False)
         props = self._proposals(trunk["rpn"], self.anchors(image_size), batch["image_shape"], False)
         levels = trunk["levels"][:4]
-        box_out = self.box_predictor(self.box_head(self._pool(levels, props["boxes"], 7)))
+        box_out = self._box_branch(levels, props["boxes"])
         dets = postprocess_detections(
             box_out["class_logits"],
             box_out["box_deltas"],
             props["boxes"],
             props["valid"],
             batch["image_shape"],
-            score_thresh=self.test_score_thresh,
-            nms_thresh=self.test_nms_thresh,
-            max_detections=self.test_detections_per_image,
-            box_weights=tuple(self.roi_box_weights),
-            clamp=self.bbox_reg_clamp,
-            min_size=self.test_min_size,
-            max_candidates=self.test_max_candidates,
+            score_thresh=test.score_thresh,
+            nms_thresh=test.nms_thresh,
+            max_detections=test.detections_per_image,
+            box_weights=self.roi_config.box_weights,
+            clamp=self.roi_config.bbox_reg_clamp,
+            min_size=test.min_size,
+            max_candidates=test.max_candidates,
         )
-        mask_logits = self.mask_head(self._pool(levels, dets["boxes"], self.mask_pooler_resolution))
-        masks = select_class_masks(mask_logits, dets["classes"])
+        masks = select_class_masks(self._mask_branch(levels, dets["boxes"]), dets["classes"])
 
-        in_canvas = dets["valid"] & (dets["scores"] >= self.srm_score_thresh)
+        in_canvas = dets["valid"] & (dets["scores"] >= test.instance_score_thresh)
         inst = srm_lib.paste_instances(
-            masks, dets["boxes"], in_canvas, image_size, self.srm_stride, self.mask_threshold
+            masks, dets["boxes"], in_canvas, image_size, self.srm_config.stride, test.mask_threshold
         )
         canvas = srm_lib.build_canvas(inst, dets["classes"], in_canvas, self.num_thing_classes)
         srm_logits = self.srm(canvas)

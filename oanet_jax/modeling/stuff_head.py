@@ -1,7 +1,8 @@
 """The stuff branch of OANet (paper section 3.1, Fig. 3).
 
 On each FPN level the branch takes the *shared* RPN 3x3 feature map (the "skip-connection" conv of
-the RPN head, shared by both branches), stacks two 3x3 convs, upsamples every level to stride 4,
+the RPN head, shared by both branches), stacks two 3x3 convs, upsamples every level to stride 4
+(bilinear, PyTorch ``align_corners=False``: `oanet_jax.ops.resize.resize_bilinear`),
 concatenates them, and applies one 3x3 conv and one 1x1 conv that predicts logits for ALL
 panoptic classes (stuff and things, "object context", Table 2 of the paper).
 """
@@ -16,25 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from oanet_jax.modeling.layers import Conv2D, make_norm, xavier_fill
+from oanet_jax.ops.resize import resize_bilinear
 
 Array = jax.Array
-
-
-def upsample_bilinear(x: Array, size: tuple[int, int]) -> Array:
-    """Bilinear resize with half-pixel centres (PyTorch ``align_corners=False``).
-
-    Args:
-      x: [B, H, W, C].
-      size: (H', W') static output size.
-
-    Returns:
-      [B, H', W', C] in the dtype of `x`.
-    """
-    if x.shape[1:3] == tuple(size):
-        return x
-    return jax.image.resize(
-        x, (x.shape[0], size[0], size[1], x.shape[3]), method="bilinear", antialias=False
-    )
 
 
 class StuffHead(nn.Module):
@@ -91,7 +76,7 @@ class StuffHead(nn.Module):
         for level, f in enumerate(features):
             x = self._conv_norm_relu(f, f"level{level}_conv0", 3, train)
             x = self._conv_norm_relu(x, f"level{level}_conv1", 3, train)
-            per_level.append(upsample_bilinear(x, size))
+            per_level.append(resize_bilinear(x, size))
         x = jnp.concatenate(per_level, axis=-1)
         fused = self._conv_norm_relu(x, "fuse_conv", 3, train)
         logits = Conv2D(

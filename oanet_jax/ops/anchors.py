@@ -14,8 +14,8 @@ Layout, per level with stride ``s`` and feature map ``Hl x Wl``:
   ``w = sqrt(size**2 / ratio)``, ``h = ratio * w`` (ratio = h / w), as the box
   ``(-w/2, -h/2, w/2, h/2)`` centred at 0; rounded to float32.
 * Shifts: cell ``(y, x)`` moves the cell anchors by ``(x * s + offset * s, y * s + offset * s)``.
-  ``offset=0`` (detectron2's default, and the config's ``anchor_offset``) puts anchor centres on
-  the top-left corner of each stride-s cell, i.e. at pixel coordinates ``0, s, 2s, ...``;
+  ``offset=0`` (detectron2's default, and the config's ``model.rpn.anchor_offset``) puts anchor
+  centres on the top-left corner of each stride-s cell, i.e. at pixel coordinates ``0, s, 2s, ...``;
   ``offset=0.5`` puts them at cell centres ``s/2, 3s/2, ...``.
 * Order: location-major, ``y`` outer, ``x`` inner, then the ``A`` cell anchors, so anchor
   ``((y * Wl + x) * A + a)`` belongs to feature position ``(y, x)`` and channel ``a`` of a head

@@ -5,19 +5,36 @@
   ``((2 * dst + 1) * in_size) // (2 * out_size)`` (float formulas and PIL's fixed point can differ
   at exact ties). Used for label maps (data), id maps back to the original image (evaluation,
   prediction) on the host and on device.
-* Bilinear upsampling with PyTorch ``F.interpolate(..., mode='bilinear', align_corners=False)``
-  semantics (added with the stuff head / losses / merge consolidation).
+* Bilinear upsampling by an integer factor ``f`` with PyTorch ``F.interpolate(...,
+  mode='bilinear', align_corners=False)`` semantics (the stuff head, the semantic loss and the
+  panoptic merge's stuff argmax). Along one axis, output ``o = f * j + r`` samples source
+  position ``j + d_r`` with ``d_r = (r + 0.5) / f - 0.5``: ``(-d_r) * x[j - 1] + (1 + d_r) * x[j]``
+  when ``d_r < 0``, else ``(1 - d_r) * x[j] + d_r * x[j + 1]`` (lower index first, as PyTorch),
+  with ``x`` edge-replicated at both ends (PyTorch clamps the source index). Only slices, no
+  gathers of the full map, so the backward pass is adds and pads. The two spatial axes are
+  interpolated columns first, then rows (PyTorch's order of the bilinear sum). Weights are Python
+  floats, so the output keeps the input's float dtype (bfloat16 stays bfloat16). Equal to PyTorch
+  up to float rounding (exact weights for power-of-two factors).
 
 Functions take numpy or jax arrays where stated; shapes are in the docstrings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["nearest_indices", "nearest_source_index"]
+__all__ = [
+    "nearest_indices",
+    "nearest_source_index",
+    "resize_bilinear",
+    "upsample_bilinear",
+    "upsample_bilinear_rows",
+]
 
 
 def nearest_source_index(dst: Any, in_size: Any, out_size: Any) -> Any:
@@ -48,3 +65,145 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
       int64 [out_size] indices in 0..in_size-1.
     """
     return nearest_source_index(np.arange(out_size, dtype=np.int64), int(in_size), int(out_size))
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """`value` as a (rows, cols) pair of positive ints; ValueError naming `name` otherwise."""
+    pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
+    if len(pair) != 2 or any(int(v) != v or int(v) < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive integer or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _edge_pad(x: jax.Array, axis: int) -> jax.Array:
+    """Replicates the first and last entry along `axis`: length n -> n + 2."""
+    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    return jnp.concatenate([first, x, last], axis=axis)
+
+
+def _upsample_padded(p: jax.Array, factor: int, axis: int) -> jax.Array:
+    """Bilinear x`factor` along `axis` of `p`, which has one extra entry on each side there.
+
+    Args:
+      p: float array, length n + 2 along `axis` (entry 0 and n + 1 are the neighbours of the
+        first and last sample: edge copies, or real rows of a larger map).
+      factor: static integer scale factor (>= 1).
+      axis: non-negative axis.
+
+    Returns:
+      The dtype of `p`, length ``factor * n`` along `axis` (see the module docstring).
+    """
+    n = p.shape[axis] - 2
+    if factor == 1:
+        return jax.lax.slice_in_dim(p, 1, n + 1, axis=axis)
+    below, centre, above = (jax.lax.slice_in_dim(p, k, k + n, axis=axis) for k in range(3))
+    phases = []
+    for r in range(factor):
+        d = (r + 0.5) / factor - 0.5
+        if d < 0:
+            phases.append((-d) * below + (1.0 + d) * centre)
+        else:
+            phases.append((1.0 - d) * centre + d * above)
+    out = jnp.stack(phases, axis=axis + 1)  # [..., n, factor, ...]
+    shape = list(p.shape)
+    shape[axis] = n * factor
+    return out.reshape(shape)
+
+
+def _upsample_row_padded(
+    p: jax.Array, factors: tuple[int, int], row_axis: int, col_axis: int
+) -> jax.Array:
+    """Both spatial axes of `p`, whose rows carry one extra row on each side: columns, then rows."""
+    x = _upsample_padded(_edge_pad(p, col_axis), factors[1], col_axis)
+    return _upsample_padded(x, factors[0], row_axis)
+
+
+def _spatial_axes(x: jax.Array, axes: Sequence[int]) -> tuple[int, int]:
+    row_axis, col_axis = (int(a) % x.ndim for a in axes)
+    if row_axis == col_axis:
+        raise ValueError(f"axes must name two different axes, got {axes}")
+    return row_axis, col_axis
+
+
+def upsample_bilinear(
+    x: jax.Array, factor: int | Sequence[int], *, axes: Sequence[int] = (-3, -2)
+) -> jax.Array:
+    """``F.interpolate(x, scale_factor=factor, mode='bilinear', align_corners=False)``.
+
+    Args:
+      x: float array with spatial axes `axes`: [B, h, w, C] or [h, w, C] with the default.
+      factor: static integer scale factor, or (rows, cols) factors.
+      axes: the (row, column) axes of `x`.
+
+    Returns:
+      `x`'s dtype, [B, fh * h, fw * w, C] (the spatial axes scaled, the others unchanged).
+    """
+    fh, fw = _pair(factor, "factor")
+    row_axis, col_axis = _spatial_axes(x, axes)
+    x = jnp.asarray(x)
+    return _upsample_row_padded(_edge_pad(x, row_axis), (fh, fw), row_axis, col_axis)
+
+
+def resize_bilinear(
+    x: jax.Array, size: Sequence[int], *, axes: Sequence[int] = (-3, -2)
+) -> jax.Array:
+    """``F.interpolate(x, size=size, mode='bilinear', align_corners=False)`` for integer ratios.
+
+    Args:
+      x: float array with spatial axes `axes`: [B, h, w, C] or [h, w, C] with the default.
+      size: static (H', W') output size; each must be a multiple of the input's.
+      axes: the (row, column) axes of `x`.
+
+    Returns:
+      `x`'s dtype, [B, H', W', C] (`x` itself when the size is unchanged).
+
+    Raises:
+      ValueError: if a side of `size` is not a positive multiple of the input's.
+    """
+    row_axis, col_axis = _spatial_axes(x, axes)
+    in_size = (x.shape[row_axis], x.shape[col_axis])
+    out_size = tuple(int(v) for v in size)
+    if len(out_size) != 2 or any(o < i or o % i for o, i in zip(out_size, in_size, strict=True)):
+        raise ValueError(
+            f"resize_bilinear upsamples by integer factors only: size {tuple(size)} is not a "
+            f"multiple of the input size {in_size}"
+        )
+    if out_size == in_size:
+        return x
+    factors = (out_size[0] // in_size[0], out_size[1] // in_size[1])
+    return upsample_bilinear(x, factors, axes=(row_axis, col_axis))
+
+
+def upsample_bilinear_rows(
+    x: jax.Array,
+    start: Any,
+    num_rows: int,
+    factor: int | Sequence[int],
+    *,
+    axes: Sequence[int] = (-3, -2),
+) -> jax.Array:
+    """Output rows ``fh * start ... fh * (start + num_rows) - 1`` of :func:`upsample_bilinear`.
+
+    For memory: a loss or an argmax over a large upsampled map can run over blocks of rows
+    (``lax.map``) without the whole map ever existing. The rows are bit-identical to the full
+    upsample's. Input rows past the end are edge-replicated, so a last, partial block may run
+    over the end (its extra output rows repeat the last ones' source and are meant to be cropped).
+
+    Args:
+      x: float array with spatial axes `axes`: [B, h, w, C] or [h, w, C] with the default.
+      start: first input row of the block, a Python int or a traced int32 scalar (0 <= start).
+      num_rows: static number of input rows of the block.
+      factor: static integer scale factor, or (rows, cols) factors.
+      axes: the (row, column) axes of `x`.
+
+    Returns:
+      `x`'s dtype, [B, fh * num_rows, fw * w, C].
+    """
+    fh, fw = _pair(factor, "factor")
+    row_axis, col_axis = _spatial_axes(x, axes)
+    x = jnp.asarray(x)
+    height = x.shape[row_axis]
+    rows = jnp.clip(start - 1 + jnp.arange(int(num_rows) + 2), 0, height - 1)
+    padded = jnp.take(x, rows, axis=row_axis)  # [B, num_rows + 2, w, C]
+    return _upsample_row_padded(padded, (fh, fw), row_axis, col_axis)

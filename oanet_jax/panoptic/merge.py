@@ -27,9 +27,10 @@ id ``d + 1``, stuff class ``s`` (``0..S-1``, contiguous class ``T + s``) gets id
 Memory: pasting all ``D`` masks at once would need ``D * Hp * Wp * 4`` bytes (720 MB for 100
 detections at 1344 x 1344, per image). Instead each scan step pastes one instance (``Hp * Wp``
 floats plus an ``M x Wp`` intermediate per image, 7 MB at 1344 x 1344), trading memory for ``D``
-sequential steps. The stuff upsampling is done in blocks of ``row_block`` output rows (``lax.map``)
-so that the ``[Hp, Wp, S]`` upsampled logits (383 MB per image for 53 COCO stuff classes at
-1344 x 1344) never exist at once; only ``row_block * Wp * S`` floats per image do.
+sequential steps. The stuff upsampling (`oanet_jax.ops.resize.upsample_bilinear_rows`) is done in
+blocks of ``row_block`` output rows (``lax.map``) so that the ``[Hp, Wp, S]`` upsampled logits
+(383 MB per image for 53 COCO stuff classes at 1344 x 1344) never exist at once; only
+``row_block * Wp * S`` floats per image do.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from oanet_jax.ops.masks import paste_masks
+from oanet_jax.ops.resize import upsample_bilinear_rows
 
 ORDERINGS = ("score", "srm")
 
@@ -107,7 +109,8 @@ def merge_panoptic(
         instance_score_thresh: static; instances with a detection score below it are skipped.
         stuff_area_limit: static; stuff segments with fewer (free) pixels are left void.
         stuff_stride: static int upsampling factor of ``stuff_logits``.
-        row_block: static number of output rows upsampled at once (memory knob, exact).
+        row_block: static number of output rows upsampled at once (memory knob, exact;
+            rounded up to a multiple of ``stuff_stride``).
 
     Returns:
         dict with
@@ -282,21 +285,6 @@ def _merge_one(
     return {"id_map": id_map, "segments": segments}
 
 
-def _upsample_taps(out_len: int, in_len: int, stride: int) -> tuple[jax.Array, ...]:
-    """Bilinear taps of ``F.interpolate(scale_factor=stride, align_corners=False)`` on one axis.
-
-    Returns:
-        (i0, i1, frac): [out_len] int32, int32, float32; output ``o`` is
-        ``x[i0] * (1 - frac) + x[i1] * frac`` with source position ``max(0, (o + 0.5) / stride
-        - 0.5)`` and indices clamped to the input (edge replication, as PyTorch).
-    """
-    pos = jnp.maximum((jnp.arange(out_len, dtype=jnp.float32) + 0.5) / stride - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(pos).astype(jnp.int32), in_len - 1)
-    i1 = jnp.minimum(i0 + 1, in_len - 1)
-    frac = jnp.clip(pos - i0.astype(jnp.float32), 0.0, 1.0)
-    return i0, i1, frac
-
-
 @functools.partial(
     jax.jit, static_argnames=("image_size", "num_thing_classes", "stride", "row_block")
 )
@@ -317,7 +305,8 @@ def stuff_labels(
         image_size: (Hp, Wp) static padded size.
         num_thing_classes: T (the stuff channels are T..K-1).
         stride: static upsampling factor of the logits.
-        row_block: static output rows per ``lax.map`` step (memory only).
+        row_block: static output rows per ``lax.map`` step (memory only; rounded up to a
+            multiple of ``stride``).
 
     Returns:
         [B, Hp, Wp] int32 stuff index in ``0..S-1`` (class T + index), -1 outside the image.
@@ -341,29 +330,28 @@ def _stuff_labels(
         logits: [h, w, S] float32 stuff logits at stride ``stride``.
         image_size: (Hp, Wp) static output size.
         stride: static upsampling factor.
-        row_block: static number of output rows computed per ``lax.map`` step.
+        row_block: static number of output rows computed per ``lax.map`` step (rounded up to a
+            multiple of ``stride``).
 
     Returns:
-        [Hp, Wp] int32 stuff index in ``0..S-1`` (first maximum on ties).
+        [Hp, Wp] int32 stuff index in ``0..S-1`` (first maximum on ties): the first Hp x Wp
+        pixels of ``F.interpolate(scale_factor=stride)`` (`oanet_jax.ops.resize`).
+
+    Raises:
+        ValueError: if the upsampled logits are smaller than (Hp, Wp).
     """
     height, width = image_size
-    in_h, in_w = logits.shape[0], logits.shape[1]
-    block = max(1, min(row_block, height))
-    num_blocks = -(-height // block)
-    r0, r1, fr = _upsample_taps(num_blocks * block, in_h, stride)
-    c0, c1, fc = _upsample_taps(width, in_w, stride)
+    if stride * logits.shape[0] < height or stride * logits.shape[1] < width:
+        raise ValueError(
+            f"stuff logits {logits.shape[:2]} upsampled by {stride} do not cover the image size "
+            f"{image_size}"
+        )
+    rows_in = max(1, -(-min(row_block, height) // stride))  # logit rows per block
+    num_blocks = -(-height // (rows_in * stride))
 
-    def one_block(taps: tuple) -> jax.Array:
-        a0, a1, fa = taps  # [block]
+    def one_block(start: jax.Array) -> jax.Array:
+        up = upsample_bilinear_rows(logits, start, rows_in, stride)  # [rows_in * stride, Wp, S]
+        return jnp.argmax(up, axis=-1).astype(jnp.int32)
 
-        def along_columns(rows: jax.Array) -> jax.Array:  # [block, w, S] -> [block, Wp, S]
-            return rows[:, c0] * (1.0 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
-
-        # Columns first, then rows: PyTorch's order of the bilinear sum.
-        top, bottom = along_columns(logits[a0]), along_columns(logits[a1])
-        up = top * (1.0 - fa)[:, None, None] + bottom * fa[:, None, None]
-        return jnp.argmax(up, axis=-1).astype(jnp.int32)  # [block, Wp]
-
-    taps = (r0.reshape(num_blocks, block), r1.reshape(num_blocks, block), fr.reshape(-1, block))
-    labels = jax.lax.map(one_block, taps)
-    return labels.reshape(num_blocks * block, width)[:height]
+    labels = jax.lax.map(one_block, jnp.arange(num_blocks, dtype=jnp.int32) * rows_in)
+    return labels.reshape(num_blocks * rows_in * stride, -1)[:height, :width]

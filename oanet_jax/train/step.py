@@ -59,8 +59,8 @@ def train_step(
       batch: the global batch: the keys of ``oanet_jax.data.spec.TRAIN_KEYS`` with the shapes
         and dtypes of ``spec.batch_spec(config.data, B, train=True)`` (other keys are ignored).
       model: the OANet module.
-      config: full config (model.freeze_at, model.norm, model.*_smooth_l1_beta,
-        model.rpn_batch_size_per_image, loss.*, train.*).
+      config: full config (model.freeze_at, model.norm, model.rpn.smooth_l1_beta,
+        model.roi.smooth_l1_beta, model.rpn.batch_size_per_image, loss.*, train.*).
 
     Returns:
       (new_state, metrics): metrics is a dict of [] arrays: every loss term of Eq. 1
@@ -95,12 +95,13 @@ def train_step(
         total, terms = losses.compute_losses(
             outputs,
             batch,
-            rpn_batch_size_per_image=config.model.rpn_batch_size_per_image,
-            rpn_smooth_l1_beta=config.model.rpn_smooth_l1_beta,
-            roi_smooth_l1_beta=config.model.roi_smooth_l1_beta,
+            rpn_batch_size_per_image=config.model.rpn.batch_size_per_image,
+            rpn_smooth_l1_beta=config.model.rpn.smooth_l1_beta,
+            roi_smooth_l1_beta=config.model.roi.smooth_l1_beta,
             seg_weight=config.loss.seg_weight,
             srm_weight=config.loss.srm_weight,
             ignore_label=config.loss.ignore_label,
+            seg_chunk_rows=int(config.loss.seg_chunk_rows) or None,
         )
         terms = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
         return jnp.asarray(total, jnp.float32), (terms, new_stats)

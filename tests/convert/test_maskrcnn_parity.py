@@ -68,20 +68,20 @@ def _parity_config():
     cfg = base.get_config()
     m = cfg.model
     m.num_thing_classes = NUM_CLASSES
-    m.pooler_aligned = False
-    m.pooler_sampling_ratio = 2
-    m.pooler_level_mapper = "torchvision"
-    m.anchor_sizes = (32, 64, 128, 256, 512)
-    m.anchor_aspect_ratios = (0.5, 1.0, 2.0)
-    m.anchor_offset = 0.0
-    m.rpn_pre_nms_topk_test = 1000
-    m.rpn_post_nms_topk_test = 1000
-    m.rpn_nms_thresh = 0.7
-    m.rpn_min_size = 1e-3
-    m.test_min_size = 1e-2
-    m.test_score_thresh = SCORE_THRESH
-    m.test_nms_thresh = 0.5
-    m.test_detections_per_image = 100
+    m.roi.pooler_aligned = False
+    m.roi.pooler_sampling_ratio = 2
+    m.roi.pooler_level_mapper = "torchvision"
+    m.rpn.anchor_sizes = (32, 64, 128, 256, 512)
+    m.rpn.anchor_aspect_ratios = (0.5, 1.0, 2.0)
+    m.rpn.anchor_offset = 0.0
+    m.rpn.pre_nms_topk_test = 1000
+    m.rpn.post_nms_topk_test = 1000
+    m.rpn.nms_thresh = 0.7
+    m.rpn.min_size = 1e-3
+    m.test.min_size = 1e-2
+    m.test.score_thresh = SCORE_THRESH
+    m.test.nms_thresh = 0.5
+    m.test.detections_per_image = 100
     return cfg
 
 
@@ -275,7 +275,7 @@ def test_proposals_parity(runs):
     1000; both sides then keep one different proposal. At most 0.5% may differ, each explained.
     """
     ref, out = runs
-    nms = _parity_config().model.rpn_nms_thresh
+    nms = _parity_config().model.rpn.nms_thresh
     for i, want in enumerate(ref["proposals"]):
         n = int(out["proposal_valid"][i].sum())
         assert n == want.shape[0], (i, n, want.shape[0])
@@ -321,7 +321,7 @@ def test_detections_and_masks_parity(runs):
     # Exact regime of the static candidate top-k: fewer candidates than test_max_candidates.
     scores = jax.nn.softmax(jnp.asarray(out["class_logits"]), axis=-1)[..., :NUM_CLASSES]
     passing = np.asarray((scores > SCORE_THRESH) & out["proposal_valid"][..., None]).sum((1, 2))
-    assert passing.max() <= _parity_config().model.test_max_candidates, passing
+    assert passing.max() <= _parity_config().model.test.max_candidates, passing
 
 
 # ------------------------------------------------------------------------- conversion checks

@@ -11,6 +11,7 @@ torchvision in tests/convert/test_maskrcnn_parity.py, the pieces in their own te
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import pytest
 
 from configs import base, tiny
 from oanet_jax.modeling.build import build_model
+from oanet_jax.modeling.config import SECTIONS
 from oanet_jax.modeling.oanet import FPN_STRIDES
 
 F32, I32, BOOL = jnp.float32, jnp.int32, jnp.bool_
@@ -68,27 +70,28 @@ def _shapes(cfg, train: bool):
 def _dims(cfg) -> dict[str, int]:
     m = cfg.model
     h, w = cfg.data.image_size
-    r = m.roi_batch_size_per_image
+    r = m.roi.batch_size_per_image
     return {
         "T": m.num_thing_classes,
         "S": m.num_stuff_classes,
         "A": sum(
-            math.ceil(h / s) * math.ceil(w / s) * len(m.anchor_aspect_ratios) for s in FPN_STRIDES
+            math.ceil(h / s) * math.ceil(w / s) * len(m.rpn.anchor_aspect_ratios)
+            for s in FPN_STRIDES
         ),
         "R": r,
-        "F": int(r * m.roi_positive_fraction),
-        "D": m.test_detections_per_image,
-        "P": 2 * m.mask_pooler_resolution,
+        "F": int(r * m.roi.positive_fraction),
+        "D": m.test.detections_per_image,
+        "P": 2 * m.mask_head.pooler_resolution,
         "h": math.ceil(h / 4),
         "w": math.ceil(w / 4),
-        "hs": math.ceil(h / m.srm_stride),
-        "ws": math.ceil(w / m.srm_stride),
+        "hs": math.ceil(h / m.srm.stride),
+        "ws": math.ceil(w / m.srm.stride),
     }
 
 
 def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
     d = _dims(cfg)
-    b, k = BATCH, cfg.model.rpn_post_nms_topk_train
+    b, k = BATCH, cfg.model.rpn.post_nms_topk_train
     a, r, f, t, p, h, w = d["A"], d["R"], d["F"], d["T"], d["P"], d["h"], d["w"]
     return {
         "rpn_objectness": ((b, a), F32),
@@ -116,7 +119,7 @@ def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
 
 def _expected_inference(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
     d = _dims(cfg)
-    b, k = BATCH, cfg.model.rpn_post_nms_topk_test
+    b, k = BATCH, cfg.model.rpn.post_nms_topk_test
     t, dd, p = d["T"], d["D"], d["P"]
     srm = (b, d["hs"], d["ws"], t)
     return {
@@ -187,3 +190,38 @@ def test_resnet50_sizes_match_the_paper_defaults():
     assert d["A"] == 3 * sum((1344 // s) ** 2 for s in (4, 8, 16, 32)) + 3 * 21 * 21
     assert (d["T"], d["S"], d["R"], d["F"], d["D"], d["P"]) == (80, 53, 512, 128, 100, 28)
     assert (d["h"], d["w"]) == (336, 336)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_box_pooler_resolution_is_used(train):
+    """model.box_head.pooler_resolution sets the box head's RoIAlign size and its fc1 input."""
+    cfg = tiny.get_config()
+    cfg.model.box_head.pooler_resolution = 5
+    _, variables = _shapes(cfg, train=train)
+    fc1 = variables["params"]["box_head"]["fc1"]["kernel"]
+    assert fc1.shape == (5 * 5 * cfg.model.fpn_channels, cfg.model.box_head.fc_dim)
+
+
+def test_build_maps_every_section_to_its_dataclass():
+    cfg = tiny.get_config()
+    model = build_model(cfg)
+    for name, cls in SECTIONS.items():
+        section = getattr(model, f"{name}_config")
+        assert isinstance(section, cls)
+        assert dataclasses.asdict(section) == {
+            k: tuple(v) if isinstance(v, tuple | list) else v
+            for k, v in cfg.model[name].to_dict().items()
+        }
+    assert model.test_config.mask_threshold == cfg.model.test.mask_threshold
+    assert model.test_config.instance_score_thresh == cfg.model.test.instance_score_thresh
+
+
+def test_section_mismatch_fails_naming_the_field():
+    cfg = tiny.get_config()
+    cfg.model.rpn.unknown_knob = 1
+    with pytest.raises(ValueError, match=r"model\.rpn\.unknown_knob is not a field of RPNConfig"):
+        build_model(cfg)
+    cfg = tiny.get_config()
+    del cfg.model.test.mask_threshold
+    with pytest.raises(ValueError, match=r"model\.test\.mask_threshold \(TestConfig field\)"):
+        build_model(cfg)
