@@ -397,7 +397,9 @@ def prediction_to_original(
       (id_map [H, W] int32, segments_info with 'area' and 'bbox' recomputed; segments that vanish
       in the resize are dropped).
     """
-    return pan_io.crop_and_resize_to_original(
+    from oanet_jax.data import transforms
+
+    return transforms.crop_and_resize_to_original(
         id_map, image_shape, orig_shape, segments_info_from_arrays(segments, table)
     )
 
@@ -417,8 +419,10 @@ def stuff_prediction_to_original(
     """
     h, w = (int(v) for v in image_shape)
     big_h, big_w = (int(v) for v in orig_shape)
-    rows = pan_io.nearest_indices(big_h, h)
-    cols = pan_io.nearest_indices(big_w, w)
+    from oanet_jax.ops.resize import nearest_indices
+
+    rows = nearest_indices(h, big_h)
+    cols = nearest_indices(w, big_w)
     return np.asarray(stuff_labels)[:h, :w][rows[:, None], cols[None, :]].astype(np.int32)
 
 
