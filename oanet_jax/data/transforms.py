@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.ops.resize import nearest_indices
 from oanet_jax.panoptic.io import check_segments
+
+if TYPE_CHECKING:
+    from oanet_jax.data.coco_panoptic import CategoryTable
 
 # --- inverse
 # Model outputs back to the original image, on the host with numpy (torchvision's

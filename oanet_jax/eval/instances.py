@@ -218,6 +218,11 @@ class InstancesEvaluator:
                     image_id, self._derived_ids, self._next_id
                 )
 
+    @property
+    def image_ids(self) -> list[int]:
+        """The images processed since `reset`, in order."""
+        return list(self._image_ids)
+
     def _ground_truth(self) -> dict[str, Any]:
         """The COCO instances ground truth of the processed images."""
         if self.instances_gt is not None:
