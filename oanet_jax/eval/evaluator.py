@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -34,9 +34,9 @@ from absl import logging
 from oanet_jax.common.metric_writer import MetricWriter
 from oanet_jax.data import pipeline
 from oanet_jax.eval import ground_truth as gt_lib
-from oanet_jax.eval.inference import InferenceFn, make_inference_fn
+from oanet_jax.eval.inference import InferenceFn, Postprocess, make_inference_fn
 from oanet_jax.eval.instances import InstancesEvaluator
-from oanet_jax.eval.panoptic import PanopticEvaluator
+from oanet_jax.eval.panoptic import DevicePQAccumulator, PanopticEvaluator
 from oanet_jax.eval.report import write_report
 from oanet_jax.eval.semantic import SemanticEvaluator
 
@@ -68,7 +68,11 @@ class Evaluator(Protocol):
 
 
 def build_evaluators(
-    config: Any, ground_truth: gt_lib.PanopticGroundTruth, orderings: Sequence[str]
+    config: Any,
+    ground_truth: gt_lib.PanopticGroundTruth,
+    orderings: Sequence[str],
+    *,
+    device_accumulator: Callable[[], DevicePQAccumulator] | None = None,
 ) -> list[Evaluator]:
     """The panoptic (PQ), instances (AP) and semantic (stuff mIoU) evaluators of a config.
 
@@ -77,13 +81,20 @@ def build_evaluators(
         ``eval.write_predictions``).
       ground_truth: shared by the three (each PNG decoded once).
       orderings: merge orderings.
+      device_accumulator: host accumulator factory of the on-device PQ statistics (see
+        `PanopticEvaluator`); None: PQ on the host.
 
     Returns:
       [PanopticEvaluator, InstancesEvaluator, SemanticEvaluator].
     """
     write = bool(config.eval.get("write_predictions", False))
     return [
-        PanopticEvaluator(ground_truth, orderings, write_predictions=write),
+        PanopticEvaluator(
+            ground_truth,
+            orderings,
+            write_predictions=write,
+            device_accumulator=device_accumulator,
+        ),
         InstancesEvaluator(
             ground_truth,
             instances_json=gt_lib.load_instances_json(config.data),
@@ -122,6 +133,9 @@ class EvalRunner:
         evaluators: Sequence[Evaluator] | None = None,
         num_images: int | None = None,
         ground_truth: gt_lib.PanopticGroundTruth | None = None,
+        postprocess: Postprocess | None = None,
+        batch_keys: Sequence[str] = (),
+        device_accumulator: Callable[[], DevicePQAccumulator] | None = None,
     ):
         """Loads the ground truth and builds the evaluators and the inference function.
 
@@ -132,6 +146,9 @@ class EvalRunner:
           evaluators: default `build_evaluators`.
           num_images: images per evaluation (default ``config.eval.num_images``; 0 = all).
           ground_truth: default `ground_truth.load_panoptic_ground_truth(config.data)`.
+          postprocess, batch_keys: on-device additions to the inference (`make_inference_fn`),
+            e.g. the PQ statistics of ``config.eval.pq_backend = 'device'`` ('pq_stats').
+          device_accumulator: their host accumulator (`build_evaluators`).
 
         Raises:
           FileNotFoundError: ground-truth files missing. ValueError: the ground truth's
@@ -152,14 +169,24 @@ class EvalRunner:
             )
         self.orderings = tuple(orderings or config.eval.orderings)
         self.evaluators = list(
-            evaluators or build_evaluators(config, self.ground_truth, self.orderings)
+            evaluators
+            or build_evaluators(
+                config, self.ground_truth, self.orderings, device_accumulator=device_accumulator
+            )
         )
+        if config.eval.get("pq_backend", "host") == "device" and postprocess is None:
+            logging.info("pq_backend 'device': no device PQ statistics given, PQ on the host")
         if num_images is None:
             num_images = int(config.eval.get("num_images", 0))
         self.num_images = int(num_images)
         self.batch_size = int(config.eval.batch_size)
         self.infer: InferenceFn = make_inference_fn(
-            model, config, self.orderings, batch_size=self.batch_size
+            model,
+            config,
+            self.orderings,
+            batch_size=self.batch_size,
+            postprocess=postprocess,
+            batch_keys=batch_keys,
         )
         self._dataset = None
 
@@ -249,7 +276,9 @@ class EvalRunner:
         for ev in self.evaluators:
             for key, value in ev.evaluate().items():
                 if key in results:
-                    raise ValueError(f"evaluator {ev.name!r} returns {key!r} twice")
+                    raise ValueError(
+                        f"evaluator {ev.name!r} returns {key!r}, already in the results"
+                    )
                 results[key] = value
             files.update(ev.files)
         seconds = time.perf_counter() - start

@@ -279,10 +279,10 @@ class PanopticGroundTruth:
     annotations: dict[int, dict[str, Any]]
     cache_bytes: int = DEFAULT_CACHE_BYTES
     _cache: dict[int, GroundTruthImage] = dataclasses.field(
-        default_factory=dict, repr=False, compare=False
+        default_factory=dict, init=False, repr=False, compare=False
     )
     _stats: dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"decodes": 0, "bytes": 0}, repr=False, compare=False
+        default_factory=lambda: {"decodes": 0, "bytes": 0}, init=False, repr=False, compare=False
     )
 
     @property
