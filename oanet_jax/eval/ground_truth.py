@@ -30,6 +30,7 @@ __all__ = [
     "GroundTruthImage",
     "PanopticGroundTruth",
     "data_path",
+    "decode_image",
     "instances_from_panoptic",
     "load_instances_json",
     "load_panoptic_ground_truth",
@@ -199,6 +200,7 @@ class GroundTruthImage:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the cached index map."""
         return int(self.index_map.nbytes)
 
 
@@ -287,6 +289,7 @@ class PanopticGroundTruth:
 
     @property
     def decode_count(self) -> int:
+        """PNG decodes so far (each cached image is decoded once)."""
         return self._stats["decodes"]
 
     @property
