@@ -27,6 +27,7 @@ that wraps each public function, so eager calls compile once per shape) and work
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -328,3 +329,44 @@ def crop_and_resize_masks_np(masks: np.ndarray, boxes: np.ndarray, size: int) ->
             vals = masks[batch, yi[:, :, None], xi[:, None, :]].astype(np.float32)
             result += vals * (wy[:, :, None] * wx[:, None, :])
     return result
+
+
+def paste_mask_np(mask: np.ndarray, box: Sequence[float], image_size: Sequence[int]) -> np.ndarray:
+    """Host (numpy, float64) twin of :func:`paste_masks` for one mask at stride 1.
+
+    Pixel (i, j), centred at (j + 0.5, i + 0.5), takes the bilinear sample with zero padding of
+    the mask at box-frame position ``u = (x - x1) / (x2 - x1) * Mw - 0.5`` (and likewise in y):
+    the separable triangle weights ``max(0, 1 - |u - k|)``, as :func:`paste_masks`. Only the rows
+    and columns with a non-zero weight are computed, so pasting into a large image costs
+    O(box area), not O(image). A box with non-positive width or height (or a non-finite
+    coordinate) gives zeros.
+
+    Args:
+        mask: [Mh, Mw] float mask (e.g. 28 x 28 probabilities).
+        box: (x1, y1, x2, y2) in image pixels.
+        image_size: (H, W).
+
+    Returns:
+        float32 [H, W].
+    """
+    mask = np.asarray(mask, np.float64)
+    height, width = int(image_size[0]), int(image_size[1])
+    out = np.zeros((height, width), np.float32)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not (np.all(np.isfinite([x1, y1, x2, y2])) and x2 > x1 and y2 > y1):
+        return out
+
+    def weights(lo: float, hi: float, n_out: int, n_mask: int) -> tuple[np.ndarray, int]:
+        u = ((np.arange(n_out, dtype=np.float64) + 0.5) - lo) / (hi - lo) * n_mask - 0.5
+        inside = np.flatnonzero((u > -1.0) & (u < n_mask))
+        if inside.size == 0:
+            return np.zeros((0, n_mask)), 0
+        start, stop = int(inside[0]), int(inside[-1]) + 1
+        w = np.maximum(0.0, 1.0 - np.abs(u[start:stop, None] - np.arange(n_mask)[None, :]))
+        return w, start
+
+    wy, y0 = weights(y1, y2, height, mask.shape[0])
+    wx, x0 = weights(x1, x2, width, mask.shape[1])
+    if wy.shape[0] and wx.shape[0]:
+        out[y0 : y0 + wy.shape[0], x0 : x0 + wx.shape[0]] = wy @ mask @ wx.T
+    return out

@@ -8,9 +8,8 @@ image (``image_id``, ``file_name`` of the PNG, ``segments_info``: one dict per s
 Category ids written here are DATASET ids (e.g. COCO ids); mapping the model's contiguous ids to
 dataset ids (``CategoryTable.to_dataset``) is the caller's job.
 
-Functions here run on the host with numpy (no JAX): the model's padded, resized id map is cropped
-and resized back to the original image size with `crop_and_resize_to_original`, which also
-recomputes each segment's area and bbox from the final map and drops segments that vanished.
+Functions here run on the host with numpy (no JAX). Mapping the model's padded, resized id map
+back to the original image is `oanet_jax.data.transforms.crop_and_resize_to_original`.
 """
 
 from __future__ import annotations
@@ -27,9 +26,8 @@ from PIL import Image
 __all__ = [
     "MAX_SEGMENT_ID",
     "PanopticFormatError",
-    "crop_and_resize_to_original",
+    "check_segments",
     "id_map_to_rgb",
-    "nearest_indices",
     "read_panoptic_png",
     "rgb_to_id",
     "segment_areas_and_boxes",
@@ -182,10 +180,22 @@ def segment_areas_and_boxes(id_map: np.ndarray) -> dict[int, tuple[int, list[int
     return out
 
 
-def _check_segments(
+def check_segments(
     id_map: np.ndarray, segments_info: Sequence[Mapping[str, Any]], where: str
 ) -> dict[int, tuple[int, list[int]]]:
-    """Validates segments_info against an id map; returns `segment_areas_and_boxes(id_map)`."""
+    """Validates segments_info against an id map.
+
+    Args:
+      id_map: [H, W] integer segment ids (0 = void).
+      segments_info: segment dicts with ``id``.
+      where: the file or image named in errors.
+
+    Returns:
+      `segment_areas_and_boxes(id_map)`.
+
+    Raises:
+      PanopticFormatError: a duplicate id, id 0, or an id of the map without an entry.
+    """
     present = segment_areas_and_boxes(id_map)
     seen: set[int] = set()
     for seg in segments_info:
@@ -264,7 +274,7 @@ def write_prediction(
     """
     id_map = np.asarray(id_map)
     where = os.path.join(os.fspath(out_folder), file_name)
-    present = _check_segments(id_map, segments_info, where)
+    present = check_segments(id_map, segments_info, where)
     rgb = id_map_to_rgb(id_map)
     os.makedirs(out_folder, exist_ok=True)
     Image.fromarray(rgb, "RGB").save(where, format="PNG", compress_level=compress_level)
@@ -326,69 +336,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-# ----------------------------------------------------------------------------- resizing
-
-
-def nearest_indices(out_size: int, in_size: int) -> np.ndarray:
-    """Source index of each output index for a nearest-neighbour resize (pixel-centre rule).
-
-    ``src = floor((dst + 0.5) * in_size / out_size)``, computed exactly in integers (PIL's
-    fixed-point arithmetic and float formulas can differ at exact ties).
-
-    Returns:
-      int64 [out_size] indices in 0..in_size-1.
-    """
-    dst = np.arange(out_size, dtype=np.int64)
-    return ((2 * dst + 1) * in_size) // (2 * out_size)
-
-
-def crop_and_resize_to_original(
-    id_map: np.ndarray,
-    image_shape: Sequence[int],
-    orig_shape: Sequence[int],
-    segments_info: Sequence[Mapping[str, Any]],
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Maps a padded, resized id map back to the original image and cleans its segments.
-
-    The model sees the image resized to (h, w) = `image_shape` and padded at the bottom/right to
-    (Hp, Wp). This crops the top-left (h, w) window, resizes it to (H, W) = `orig_shape` with
-    nearest neighbour (pixel-centre rule, `nearest_indices`), recomputes each segment's ``area``
-    and ``bbox`` from the final map and drops the segments that no longer have any pixel.
-
-    Args:
-      id_map: [Hp, Wp] integer segment ids (0 = void), Hp >= h, Wp >= w.
-      image_shape: (h, w) of the resized image inside the padding.
-      orig_shape: (H, W) of the original image.
-      segments_info: segment dicts (``id``, ``category_id``, ...) of `id_map`; every non-zero id of
-        the cropped map must have an entry.
-
-    Returns:
-      (id_map [H, W] int32, segments_info): the surviving segments, in input order, as new dicts
-      with ``area`` and ``bbox`` [x, y, w, h] recomputed.
-
-    Raises:
-      ValueError: bad shapes. PanopticFormatError: ids without an entry, duplicate ids, id 0.
-    """
-    id_map = np.asarray(id_map)
-    if id_map.ndim != 2:
-        raise ValueError(f"id_map must be [Hp, Wp], got shape {id_map.shape}")
-    h, w = (int(v) for v in image_shape)
-    big_h, big_w = (int(v) for v in orig_shape)
-    if not (0 < h <= id_map.shape[0] and 0 < w <= id_map.shape[1]):
-        raise ValueError(f"image_shape {(h, w)} must be positive and fit in {id_map.shape}")
-    if big_h <= 0 or big_w <= 0:
-        raise ValueError(f"orig_shape must be positive, got {(big_h, big_w)}")
-    crop = id_map[:h, :w]
-    rows = nearest_indices(big_h, h)
-    cols = nearest_indices(big_w, w)
-    out = crop[rows[:, None], cols[None, :]].astype(np.int32)
-    present = _check_segments(out, segments_info, "crop_and_resize_to_original")
-    cleaned = []
-    for seg in segments_info:
-        sid = int(seg["id"])
-        if sid in present:
-            area, box = present[sid]
-            cleaned.append({**seg, "area": area, "bbox": box})
-    return out, cleaned

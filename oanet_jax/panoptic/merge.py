@@ -85,6 +85,7 @@ def merge_panoptic(
     stuff_area_limit: int = 4900,
     stuff_stride: int = 4,
     row_block: int = 64,
+    stuff_label_map: jax.Array | None = None,
 ) -> dict:
     """Merges instance and stuff predictions into a panoptic id map and a segment table.
 
@@ -111,6 +112,11 @@ def merge_panoptic(
         stuff_stride: static int upsampling factor of ``stuff_logits``.
         row_block: static number of output rows upsampled at once (memory knob, exact;
             rounded up to a multiple of ``stuff_stride``).
+        stuff_label_map: optional [B, Hp, Wp] int32 output of :func:`stuff_labels` for the same
+            ``stuff_logits``, ``image_shape``, ``image_size``, ``num_thing_classes`` and
+            ``stuff_stride``. When given, the merge uses it instead of recomputing the stuff
+            argmax (so several orderings merged in one jitted call share one argmax); the result
+            is identical. ``stuff_logits`` then only supplies the number of classes.
 
     Returns:
         dict with
@@ -150,6 +156,7 @@ def merge_panoptic(
         stuff_area_limit=int(stuff_area_limit),
         stuff_stride=int(stuff_stride),
         row_block=int(row_block),
+        stuff_label_map=None if stuff_label_map is None else jnp.asarray(stuff_label_map),
     )
 
 
@@ -184,6 +191,7 @@ def _merge_panoptic(
     stuff_area_limit: int,
     stuff_stride: int,
     row_block: int,
+    stuff_label_map: jax.Array | None,
 ) -> dict:
     """Jitted body of :func:`merge_panoptic` (same arguments)."""
     merge_one = functools.partial(
@@ -197,6 +205,11 @@ def _merge_panoptic(
         stuff_stride=stuff_stride,
         row_block=row_block,
     )
+    if stuff_label_map is None:
+        # Computed per image inside the vmap from the logits.
+        label_map = jnp.zeros((det_masks.shape[0], 0, 0), jnp.int32)
+    else:
+        label_map = stuff_label_map.astype(jnp.int32)
     return jax.vmap(merge_one)(
         det_masks.astype(jnp.float32),
         det_boxes.astype(jnp.float32),
@@ -206,6 +219,7 @@ def _merge_panoptic(
         order_key.astype(jnp.float32),
         stuff_logits.astype(jnp.float32),
         image_shape.astype(jnp.int32),
+        label_map,
     )
 
 
@@ -218,6 +232,7 @@ def _merge_one(
     key: jax.Array,
     logits: jax.Array,
     shape: jax.Array,
+    label_map: jax.Array,
     *,
     image_size: tuple[int, int],
     num_thing_classes: int,
@@ -229,7 +244,8 @@ def _merge_one(
     row_block: int,
 ) -> dict:
     """Merge for one image: masks [D, M, M], boxes [D, 4], classes/scores/valid/key [D],
-    logits [h, w, K], shape [2]; returns the per-image version of :func:`merge_panoptic`'s dict."""
+    logits [h, w, K], shape [2], label_map [Hp, Wp] stuff indices (or [0, 0]: computed here from
+    the logits); returns the per-image version of :func:`merge_panoptic`'s dict."""
     height, width = image_size
     num_det = masks.shape[0]
     num_stuff = logits.shape[-1] - num_thing_classes
@@ -262,7 +278,12 @@ def _merge_one(
     inst_area = jnp.zeros((num_det,), jnp.int32).at[order].set(sorted_area)
 
     if num_stuff > 0:
-        labels = _stuff_labels(logits[..., num_thing_classes:], image_size, stuff_stride, row_block)
+        if label_map.size:
+            labels = jnp.maximum(label_map, 0)  # -1 outside the image; those pixels are not free
+        else:
+            labels = _stuff_labels(
+                logits[..., num_thing_classes:], image_size, stuff_stride, row_block
+            )
         free = (id_map == 0) & inside
         counts = jnp.zeros((num_stuff,), jnp.int32).at[labels.ravel()].add(free.ravel())
         stuff_keep = counts >= stuff_area_limit

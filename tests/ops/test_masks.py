@@ -458,3 +458,49 @@ def test_crop_and_resize_np_twin_agrees_with_jnp(height, width):
         device = np.asarray(mops.crop_and_resize_masks(masks, boxes, size))
         assert host.dtype == device.dtype == np.float32 and host.shape == device.shape
         np.testing.assert_allclose(host, device, atol=atol, rtol=0)
+
+
+def test_paste_mask_np_agrees_with_paste_masks():
+    """The host twin is the same op as the jitted paste at stride 1.
+
+    Tolerance ATOL = 1e-5 (absolute, masks in [0, 1]): the twin is float64, `paste_masks` float32;
+    its sample positions ``u = offset / size * M - 0.5`` carry a float32 rounding error of about
+    1e-7 relative to offsets of at most ~80 px, i.e. <= ~1e-5 cell, and a bilinear value moves by
+    at most |mask difference| <= 1 per cell. The measured maximum is ~3e-6.
+    """
+    rng = np.random.default_rng(5)
+    masks = _random_masks(rng, len(PASTE_BOXES), 28)
+    got = np.asarray(mops.paste_masks(masks, PASTE_BOXES, (37, 53)))
+    for n, box in enumerate(PASTE_BOXES):
+        twin = mops.paste_mask_np(masks[n], box, (37, 53))
+        assert twin.shape == (37, 53) and twin.dtype == np.float32
+        np.testing.assert_allclose(twin, got[n], atol=ATOL, rtol=0)
+    # Non-square masks, and degenerate boxes (zeros, as `paste_masks`).
+    rect = _random_masks(rng, 1, 14, 28)[0]
+    np.testing.assert_allclose(
+        mops.paste_mask_np(rect, PASTE_BOXES[0], (37, 53)),
+        np.asarray(mops.paste_masks(rect[None], PASTE_BOXES[:1], (37, 53)))[0],
+        atol=ATOL,
+        rtol=0,
+    )
+    for box in ([0, 0, 0, 0], [10.5, 4, 10.5, 20], [3, 8, 12, 5], [0, 0, np.nan, 5]):
+        assert not mops.paste_mask_np(np.ones((28, 28)), box, (32, 32)).any()
+
+
+def test_paste_mask_np_matches_torch_grid_sample():
+    rng = np.random.default_rng(0)
+    h, w, m = 37, 45, 28
+    for _ in range(12):
+        mask = rng.random((m, m)).astype(np.float32)
+        x1, y1 = rng.uniform(-10, 40), rng.uniform(-10, 30)
+        box = np.asarray([x1, y1, x1 + rng.uniform(0.5, 30), y1 + rng.uniform(0.5, 25)])
+        ours = mops.paste_mask_np(mask, box, (h, w))
+        ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+        gx = (xs - box[0]) / (box[2] - box[0]) * 2 - 1
+        gy = (ys - box[1]) / (box[3] - box[1]) * 2 - 1
+        grid = torch.from_numpy(np.stack([gx, gy], -1)[None]).double()
+        ref = torch.nn.functional.grid_sample(
+            torch.from_numpy(mask[None, None]).double(), grid, align_corners=False
+        )[0, 0].numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert not mops.paste_mask_np(np.ones((m, m)), [5, 5, 5, 9], (h, w)).any()

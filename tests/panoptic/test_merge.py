@@ -414,3 +414,22 @@ def test_stuff_labels_equal_the_merge_stuff_assignment():
     np.testing.assert_array_equal(np.asarray(labels), expected)
     assert (np.asarray(labels)[1, 25:] == -1).all() and (np.asarray(labels)[1, :, 30:] == -1).all()
     assert set(np.unique(np.asarray(labels)[0])) <= {0, 1, 2}
+
+
+def test_shared_stuff_label_map_gives_the_same_merge():
+    """A merge given `stuff_labels`' output (the argmax shared by several orderings) equals the
+    merge that computes the argmax itself, for both orderings."""
+    for seed in (0, 1):
+        inp = _random_inputs(seed)
+        labels = pm.stuff_labels(
+            jnp.asarray(inp["stuff_logits"]),
+            jnp.asarray(inp["image_shape"]),
+            image_size=(HP, WP),
+            num_thing_classes=T,
+            stride=STRIDE,
+        )
+        for key in (inp["order_key"], inp["det_scores"]):
+            inp = {**inp, "order_key": key}
+            want = _merge(inp, stuff_area_limit=60)
+            got = _merge(inp, stuff_area_limit=60, stuff_label_map=labels)
+            jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -1,16 +1,16 @@
-"""COCO panoptic IO: id <-> RGB (against panopticapi.utils), PNG round trips, crop/resize back to
-the original image (against an exact-fraction loop), segment areas/bboxes (against loops), JSON."""
+"""COCO panoptic IO: id <-> RGB (against panopticapi.utils), PNG round trips, segment
+areas/bboxes (against loops), JSON (the crop/resize back to the original image is tested in
+tests/data/test_transforms_inverse.py)."""
 
 from __future__ import annotations
 
 import json
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from oanet_jax.data import transforms
 from oanet_jax.panoptic import io as pio
 from oanet_jax.panoptic import pq
 
@@ -107,50 +107,6 @@ def test_write_prediction_rejects_inconsistent_segments(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize(
-    "orig_shape, image_shape, pad_shape",
-    [
-        ((37, 53), (63, 90), (64, 96)),
-        ((100, 75), (40, 30), (48, 32)),
-        ((20, 20), (20, 20), (20, 24)),
-    ],
-)
-def test_crop_and_resize_to_original(orig_shape, image_shape, pad_shape):
-    rng = np.random.default_rng(sum(orig_shape))
-    h, w = image_shape
-    resized = _blocky_ids(rng, image_shape, 12, block=3)
-    resized[h // 2, w // 2] = 4242  # single pixel: may vanish when downscaling
-    padded = np.full(pad_shape, 777, np.int64)  # padding holds ids without segments
-    padded[:h, :w] = resized
-    segs = [{"id": int(i), "category_id": 3, "area": -1} for i in np.unique(resized) if i]
-    segs.append({"id": 777, "category_id": 3})
-    out, cleaned = pio.crop_and_resize_to_original(padded, image_shape, orig_shape, segs)
-    assert out.dtype == np.int32 and out.shape == orig_shape
-    # Reference: exact-fraction nearest rule, src = floor((dst + 1/2) * in / out), by loops.
-    ref = np.zeros(orig_shape, np.int64)
-    for y in range(orig_shape[0]):
-        sy = math.floor(Fraction(2 * y + 1, 2) * Fraction(h, orig_shape[0]))
-        for x in range(orig_shape[1]):
-            ref[y, x] = resized[sy, math.floor(Fraction(2 * x + 1, 2) * Fraction(w, orig_shape[1]))]
-    np.testing.assert_array_equal(out, ref)
-    # PIL (fixed-point arithmetic) agrees except at a few exact ties.
-    pil = Image.fromarray(resized.astype(np.int32), "I").resize(
-        (orig_shape[1], orig_shape[0]), Image.Resampling.NEAREST
-    )
-    assert np.mean(out != np.array(pil)) < 0.1
-    expected = _loop_areas_boxes(out)
-    assert [s["id"] for s in cleaned] == [s["id"] for s in segs if s["id"] in expected]
-    assert len(cleaned) == len(expected)
-    for s in cleaned:
-        assert (s["area"], s["bbox"]) == expected[s["id"]]
-    if orig_shape[0] > image_shape[0]:
-        assert 4242 in expected  # upscaling keeps every pixel
-    with pytest.raises(pio.PanopticFormatError, match="not in segments_info"):
-        pio.crop_and_resize_to_original(padded, image_shape, orig_shape, segs[1:])
-    with pytest.raises(ValueError, match="fit"):
-        pio.crop_and_resize_to_original(padded, (pad_shape[0] + 1, w), orig_shape, segs)
-
-
 def test_segments_area_boxes_against_loop():
     rng = np.random.default_rng(3)
     ids = _blocky_ids(rng, (33, 47), 9, block=5)
@@ -168,7 +124,7 @@ def test_predictions_json_round_trip_and_pq(tmp_path, coco_sample_dir):
     for ann in gt_json["annotations"]:
         gt_map = pio.read_panoptic_png(gt_folder / ann["file_name"])
         big_h, big_w = gt_map.shape
-        small = pio.crop_and_resize_to_original(
+        small = transforms.crop_and_resize_to_original(
             gt_map, gt_map.shape, (big_h // 3, big_w // 3), ann["segments_info"]
         )[0]
         padded = np.zeros((big_h // 3 + 5, big_w // 3 + 7), np.int64)
@@ -177,7 +133,9 @@ def test_predictions_json_round_trip_and_pq(tmp_path, coco_sample_dir):
             {"id": np.int64(s["id"]), "category_id": np.int32(s["category_id"])}
             for s in ann["segments_info"]
         ]
-        pred_map, segs = pio.crop_and_resize_to_original(padded, small.shape, gt_map.shape, segs)
+        pred_map, segs = transforms.crop_and_resize_to_original(
+            padded, small.shape, gt_map.shape, segs
+        )
         segs = pio.write_prediction(tmp_path / "pred", ann["file_name"], pred_map, segs)
         annotations.append(
             pio.segments_to_coco_annotation(np.int64(ann["image_id"]), ann["file_name"], segs)

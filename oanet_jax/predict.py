@@ -1,0 +1,274 @@
+"""Panoptic predictions of arbitrary images: score order vs SRM order side by side.
+
+`predict_images` runs the jitted inference (`eval.inference.make_inference_fn`, batch of 1) on
+image files preprocessed with the eval transform of the input pipeline (`preprocess_image`),
+maps each ordering's id map back to the original image (`data.transforms`) and draws the panels
+(`panoptic.visualize`). `main` is the command line (``scripts/predict.py``):
+
+    python scripts/predict.py --config configs/synthetic.py --checkpoint runs/synthetic \
+        --out predictions data/synthetic/val/images/000001000001.png
+
+``--checkpoint`` is a training work directory (latest checkpoint), its ``checkpoints/`` folder,
+or one step's folder ``<workdir>/checkpoints/<step>``. For each IMAGE it writes
+``<out>/<stem>_panoptic.png`` (panels: score-ordered merge, SRM-ordered merge, the pixels whose
+segment changed) and ``<out>/<stem>_segments.json``. orbax/absl INFO lines are hidden; ``-v 0``
+shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from oanet_jax.common.console import setup_console
+from oanet_jax.common.files import write_json
+from oanet_jax.data import transforms
+from oanet_jax.data.coco_panoptic import CategoryTable
+from oanet_jax.eval.ground_truth import data_path
+from oanet_jax.eval.inference import make_inference_fn
+
+__all__ = [
+    "load_category_table",
+    "main",
+    "predict_images",
+    "preprocess_image",
+    "resolve_checkpoint",
+]
+
+
+def preprocess_image(image: np.ndarray, config: Any, image_id: int = 0) -> dict[str, np.ndarray]:
+    """One RGB image as a batch of 1, with the eval transform of the input pipeline.
+
+    Args:
+      image: uint8 [H, W, 3] RGB.
+      config: full config (``config.data``: resize, normalisation, padding).
+      image_id: id carried in the batch.
+
+    Returns:
+      The pipeline's batch dict with leading dimension 1 ('image' [1, Hp, Wp, 3] float32,
+      'image_shape' [1, 2], 'orig_shape' [1, 2], ...; no ground truth).
+    """
+    image = np.asarray(image, np.uint8)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3] RGB uint8, got shape {image.shape}")
+    h, w = image.shape[:2]
+    record = {
+        "image": image,
+        "image_id": int(image_id),
+        "semantic": np.full((h, w), 255, np.uint8),
+        "boxes": np.zeros((0, 4), np.float32),
+        "classes": np.zeros((0,), np.int32),
+        "is_crowd": np.zeros((0,), bool),
+        "masks": np.zeros((0, h, w), np.uint8),
+    }
+    cfg = transforms.TransformConfig.from_config(config.data)
+    example = transforms.transform_record(
+        record, cfg, short_size=int(config.data.min_size_test), flip=False
+    )
+    return {k: np.asarray(v)[None] for k, v in example.items()}
+
+
+def predict_images(
+    config: Any,
+    model: Any,
+    variables: Any,
+    image_paths: Sequence[str],
+    out_dir: str,
+    *,
+    table: CategoryTable,
+    orderings: Sequence[str] = ("score", "srm"),
+    min_display_side: int = 384,
+) -> list[str]:
+    """Panoptic predictions of image files, drawn side by side per ordering (plus a diff panel).
+
+    For each image, writes ``<out_dir>/<stem>_panoptic.png``: one panel per ordering (category
+    colours, instance outlines, "name score" labels; an instance keeps its colour across panels)
+    and, with two orderings, a panel of the pixels whose segment differs between them; and
+    ``<out_dir>/<stem>_segments.json`` with each ordering's segments_info (dataset category ids).
+
+    Args:
+      config: full config.
+      model: the OANet module.
+      variables: its variables.
+      image_paths: image files (any PIL-readable format; converted to RGB).
+      out_dir: output folder (created).
+      table: the category table (names, colours, dataset ids).
+      orderings: merge orderings, one panel each.
+      min_display_side: small images are upscaled (integer factor) to this shorter side.
+
+    Returns:
+      The written PNG paths.
+    """
+    from PIL import Image
+
+    from oanet_jax.panoptic import visualize
+
+    os.makedirs(out_dir, exist_ok=True)
+    infer = make_inference_fn(model, config, orderings, batch_size=1)
+    variables = infer.put_variables(variables)
+    titles = {"score": "score order (heuristic)", "srm": "SRM order (OANet)"}
+    written = []
+    for index, path in enumerate(image_paths):
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+        batch = preprocess_image(image, config, image_id=index)
+        out = jax.device_get(infer(variables, batch))
+        maps, segments = {}, {}
+        for o in orderings:
+            pan = jax.tree.map(lambda x: x[0], out["panoptic"][o])
+            maps[o], segments[o] = transforms.prediction_to_original(
+                pan["id_map"],
+                pan["segments"],
+                batch["image_shape"][0],
+                batch["orig_shape"][0],
+                table,
+            )
+        colors = visualize.segment_colors([s for o in orderings for s in segments[o]], table)
+        scale = visualize.display_scale(image.shape, min_display_side)
+        panels = [
+            visualize.render_panoptic(
+                image,
+                maps[o],
+                segments[o],
+                table,
+                colors=colors,
+                scale=scale,
+                title=f"{titles.get(o, o)}: {len(segments[o])} segments",
+            )
+            for o in orderings
+        ]
+        if len(orderings) == 2:
+            a, b = orderings
+            changed = int(np.sum(maps[a] != maps[b]))
+            panels.append(
+                visualize.difference_panel(
+                    image,
+                    maps[a],
+                    maps[b],
+                    scale=scale,
+                    title=f"changed: {changed} px ({100.0 * changed / maps[a].size:.1f}%)",
+                )
+            )
+        stem = os.path.splitext(os.path.basename(path))[0]
+        png = os.path.join(out_dir, f"{stem}_panoptic.png")
+        Image.fromarray(visualize.side_by_side(panels)).save(png)
+        write_json(os.path.join(out_dir, f"{stem}_segments.json"), segments, indent=1)
+        written.append(png)
+        logging.info("wrote %s", png)
+    return written
+
+
+def load_category_table(config_data: Any, categories_json: str | None = None) -> CategoryTable:
+    """The category table for prediction without ground truth.
+
+    Args:
+      config_data: ``config.data``.
+      categories_json: a JSON file with a list of COCO panoptic category dicts, or a dict with a
+        'categories' list (a panoptic JSON). Default: the first existing file among the eval and
+        train panoptic JSONs of the config and ``<data.root>/categories.json``.
+
+    Returns:
+      The table.
+
+    Raises:
+      FileNotFoundError: no candidate file exists.
+    """
+    if categories_json:
+        candidates = [categories_json]
+    else:
+        candidates = [
+            data_path(config_data.root, config_data.eval.panoptic_json),
+            data_path(config_data.root, config_data.train.panoptic_json),
+            data_path(config_data.root, "categories.json"),
+        ]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                loaded = json.load(f)
+            cats = loaded["categories"] if isinstance(loaded, dict) else loaded
+            return CategoryTable.from_categories(cats)
+    raise FileNotFoundError(f"no category file found among {candidates}")
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None]:
+    """(workdir, step or None for the latest) from a workdir, checkpoints/ or checkpoints/<step>.
+
+    Raises:
+      FileNotFoundError: `path` is none of the three.
+    """
+    p = pathlib.Path(path).resolve()
+    if (p / "checkpoints").is_dir():
+        return str(p), None
+    if p.name == "checkpoints":
+        return str(p.parent), None
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        return str(p.parent.parent), int(p.name)
+    raise FileNotFoundError(
+        f"{path} is neither a work directory with checkpoints/, a checkpoints/ folder, nor "
+        "checkpoints/<step>"
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _define_flags() -> dict[str, Any]:
+    """The CLI flags, defined on the first `main` call only (importing this module defines none,
+    so the library functions can be imported next to other CLIs' flags)."""
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py)."),
+        "checkpoint": flags.DEFINE_string(
+            "checkpoint", None, "Work directory, its checkpoints/ folder, or checkpoints/<step>."
+        ),
+        "out": flags.DEFINE_string("out", "predictions", "Output folder."),
+        "categories": flags.DEFINE_string(
+            "categories",
+            None,
+            "JSON with the category list (default: from the config's data files).",
+        ),
+        "orderings": flags.DEFINE_list("orderings", None, "Merge orderings (default config.eval)."),
+    }
+
+
+def _run(argv: list[str], f: dict[str, Any]) -> None:
+    """Restores the checkpoint and draws the predictions of the images given as arguments."""
+    images = argv[1:]
+    if not images:
+        raise app.UsageError("give at least one IMAGE")
+    setup_console()
+    from oanet_jax.modeling.build import build_model
+    from oanet_jax.train.checkpoint import restore_variables
+
+    jax.config.parse_flags_with_absl()
+    config = f["config"].value
+    workdir, step = resolve_checkpoint(f["checkpoint"].value)
+    variables, step = restore_variables(workdir, step)
+    logging.info("restored step %d from %s", step, workdir)
+    table = load_category_table(config.data, f["categories"].value)
+    paths = predict_images(
+        config,
+        build_model(config),
+        variables,
+        images,
+        f["out"].value,
+        table=table,
+        orderings=tuple(f["orderings"].value or config.eval.orderings),
+    )
+    for p in paths:
+        print(p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: parses the flags (``argv`` default ``sys.argv``) and predicts."""
+    setup_console()
+    f = _define_flags()
+    flags.mark_flags_as_required(["config", "checkpoint"])
+    app.run(lambda args: _run(args, f), argv=argv)
