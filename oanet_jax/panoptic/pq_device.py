@@ -21,8 +21,8 @@ Conventions (all arrays batched over B images; shapes are static: G, P, H, W fro
   (`resize_to_original` makes it), with the merge's segment table ``category`` int32 [P]
   (contiguous) and ``valid`` bool [P]. A predicted segment exists when it is valid and has pixels
   in the map (segments that vanish in the resize are not segments, as
-  `panoptic.io.crop_and_resize_to_original` drops them). Pixels of a non-valid row do not occur in
-  the merge's output; they would count only towards that row's area.
+  `data.transforms.crop_and_resize_to_original` drops them). Pixels of a non-valid row do not
+  occur in the merge's output; they would count only towards that row's area.
 * Joint histogram: ``key = gt_index * (P + 1) + pred_id`` and one ``jax.ops.segment_sum`` with
   ``(G + 2) * (P + 1)`` static segments, per image.
 
@@ -164,7 +164,7 @@ def resize_to_original(
     *,
     canvas_size: tuple[int, int],
 ) -> jax.Array:
-    """Device twin of `panoptic.io.crop_and_resize_to_original` for the id map (exactly equal).
+    """Device twin of `data.transforms.crop_and_resize_to_original` for the id map (exactly equal).
 
     Crops the top-left (h, w) window of the merge's padded id map and resizes it with nearest
     neighbour (pixel-centre rule, `ops.resize.nearest_source_index`, traced sizes) to the original

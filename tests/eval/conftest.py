@@ -11,13 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from eval_setup import NUM_VAL, SIZE  # noqa: F401  (re-exported for the fixtures)
 
 from configs import tiny
 from oanet_jax.data import synthetic
 from oanet_jax.modeling.build import build_model
-
-SIZE = (48, 56)
-NUM_VAL = 5
 
 
 def fresh_variables(model, config):

@@ -18,7 +18,7 @@ import json
 import flax.linen as nn
 import numpy as np
 import pytest
-from conftest import NUM_VAL, SIZE
+from eval_setup import NUM_VAL, SIZE
 
 from oanet_jax.eval import evaluator as ev_lib
 from oanet_jax.eval.ground_truth import load_panoptic_ground_truth

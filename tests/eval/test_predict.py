@@ -12,7 +12,7 @@ import sys
 
 import flax.linen as nn
 import jax.numpy as jnp
-from conftest import SIZE
+from eval_setup import SIZE
 from PIL import Image
 
 from oanet_jax.data import synthetic

@@ -26,7 +26,7 @@ from test_pq import (  # the helpers of the host tests, shared
     synthetic_gt,  # noqa: F401 - pytest fixture
 )
 
-from oanet_jax.data import synthetic
+from oanet_jax.data import synthetic, transforms
 from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.panoptic import io as pio
 from oanet_jax.panoptic import pq, pq_device
@@ -191,7 +191,7 @@ def test_resize_to_original_equals_host():
         h, w = int(rng.integers(1, hp + 1)), int(rng.integers(1, wp + 1))
         big_h, big_w = int(rng.integers(1, canvas[0] + 1)), int(rng.integers(1, canvas[1] + 1))
         segs = [{"id": i, "category_id": 1} for i in range(1, 9)]
-        host, _ = pio.crop_and_resize_to_original(id_map, (h, w), (big_h, big_w), segs)
+        host, _ = transforms.crop_and_resize_to_original(id_map, (h, w), (big_h, big_w), segs)
         full = np.zeros(canvas, np.int32)
         full[:big_h, :big_w] = host
         maps.append(id_map)
@@ -254,7 +254,7 @@ def test_double_match_is_refused():
 def test_merge_output_to_pq_equals_host_path():
     """What the evaluator does: merge-style padded id maps -> resize_to_original -> pq_stats.
 
-    The host twin: `io.crop_and_resize_to_original` (drops segments that vanish) then
+    The host twin: `data.transforms.crop_and_resize_to_original` (drops segments that vanish) then
     `pq.evaluate_id_maps`. Predictions are made at the model's resolution from the ground truth
     (nearest downsampling, ids renumbered as detection slots / stuff rows, some relabelled, some
     table rows invalid), so the resize back is lossy and small segments vanish.
@@ -294,7 +294,7 @@ def test_merge_output_to_pq_equals_host_path():
         pred[:, small[1] :] = extra
         valid[extra - 1] = bool((pred == extra).any())
         pred_segs.append({"id": extra, "category_id": table.dataset_ids[0]})
-        orig_map, kept = pio.crop_and_resize_to_original(pred, small, big, pred_segs)
+        orig_map, kept = transforms.crop_and_resize_to_original(pred, small, big, pred_segs)
         host_pred.append((orig_map, kept))
         host_gt.append((ex.panoptic, segs))
         gt_dev.append(
