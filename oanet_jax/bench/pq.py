@@ -249,7 +249,7 @@ def run(
             acc = pq_device.DevicePQAccumulator(table.dataset_ids)
             for batch in batches:
                 acc.add(pq_device.pq_stats(**batch, num_classes=table.num_classes))
-            out["device"] = acc.result(categories)
+            out["device"] = acc.summarize(categories)
 
         timings = {
             "file": time_fn(file_path, warmup=1, repeats=3),

@@ -36,9 +36,10 @@ from oanet_jax.data import pipeline
 from oanet_jax.eval import ground_truth as gt_lib
 from oanet_jax.eval.inference import InferenceFn, Postprocess, make_inference_fn
 from oanet_jax.eval.instances import InstancesEvaluator
-from oanet_jax.eval.panoptic import DevicePQAccumulator, PanopticEvaluator
+from oanet_jax.eval.panoptic import DevicePQ, PanopticEvaluator
 from oanet_jax.eval.report import write_report
 from oanet_jax.eval.semantic import SemanticEvaluator
+from oanet_jax.panoptic.pq_device import DevicePQAccumulator
 
 __all__ = [
     "EvalRunner",
@@ -168,14 +169,21 @@ class EvalRunner:
                 f"{table.num_stuff} stuff categories, the model {things} / {stuff}"
             )
         self.orderings = tuple(orderings or config.eval.orderings)
+        backend = str(config.eval.pq_backend)
+        if backend not in ("host", "device"):
+            raise ValueError(f"eval.pq_backend must be 'host' or 'device', got {backend!r}")
+        self.device_pq = None
+        if backend == "device" and postprocess is None:
+            self.device_pq = DevicePQ(self.ground_truth, self.orderings)
+            postprocess = self.device_pq.postprocess
+            batch_keys = tuple(batch_keys) + DevicePQ.keys
+            device_accumulator = self.device_pq.accumulator
         self.evaluators = list(
             evaluators
             or build_evaluators(
                 config, self.ground_truth, self.orderings, device_accumulator=device_accumulator
             )
         )
-        if config.eval.get("pq_backend", "host") == "device" and postprocess is None:
-            logging.info("pq_backend 'device': no device PQ statistics given, PQ on the host")
         if num_images is None:
             num_images = int(config.eval.get("num_images", 0))
         self.num_images = int(num_images)
@@ -259,6 +267,8 @@ class EvalRunner:
         for index, batch in enumerate(self._batches()):
             if index >= num_batches:
                 break
+            if self.device_pq is not None:
+                batch = {**batch, **self.device_pq.batch_arrays(batch)}
             out = self.infer(variables, batch)  # asynchronous: the host work below overlaps it
             if pending is not None:
                 consume(*pending)

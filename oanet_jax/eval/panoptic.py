@@ -7,11 +7,13 @@ into a `pq.PQStat` per ordering (`pq.pair_counts` + `pq.match_image`: panopticap
 the result equals `pq.pq_compute` on the written files). PQ, SQ, RQ are reported in percent over
 all categories, things (``PQ_th``...) and stuff (``PQ_st``...), plus per-class PQ / SQ / RQ.
 
-Device path (``config.eval.pq_backend = 'device'``): when the outputs carry ``'pq_stats'``
-({ordering: per-batch statistics from the jitted accumulator, see `make_inference_fn`'s
-``postprocess``}), `process` hands them to a host accumulator made by ``device_accumulator``
-(`DevicePQAccumulator`: ``add(stats, example_valid)`` then ``summarize(categories)`` -> the
-`pq.pq_compute` result dict) instead of matching on the host.
+Device path (``config.eval.pq_backend = 'device'``, `DevicePQ`): the ground truth of each batch
+travels with it as padded index maps and segment tables (`pq_device.ground_truth_to_device`), the
+jitted inference maps each ordering's id map back to the original size and matches it on the
+accelerator (`pq_device.resize_to_original` + `pq_device.pq_stats`, in `make_inference_fn`'s
+``postprocess``), and `process` folds the small integer statistics (``outputs['pq_stats']``) into a
+`pq_device.DevicePQAccumulator` per ordering instead of matching on the host. Both paths give
+`pq.pq_compute`'s numbers (to 1e-9, tested).
 
 With ``write_predictions``, the COCO panoptic PNGs and predictions JSON are also written
 (``<output_dir>/panoptic_<ordering>/`` and ``panoptic_<ordering>.json``: panopticapi's convention,
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
+import jax
 import numpy as np
 
 from oanet_jax.common.files import write_json
@@ -32,20 +35,11 @@ from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.eval.ground_truth import PanopticGroundTruth
 from oanet_jax.panoptic import io as pan_io
 from oanet_jax.panoptic import pq as pq_lib
+from oanet_jax.panoptic import pq_device
 
-__all__ = ["PQ_METRICS", "DevicePQAccumulator", "PanopticEvaluator", "summarize_pq"]
+__all__ = ["PQ_METRICS", "DevicePQ", "PanopticEvaluator", "summarize_pq"]
 
 PQ_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
-
-
-class DevicePQAccumulator(Protocol):
-    """Host side of the on-device PQ (``panoptic/pq_device.py``), one per ordering."""
-
-    def add(self, stats: Any, example_valid: np.ndarray) -> None:
-        """Folds in one batch's statistics (host numpy arrays) of the valid examples."""
-
-    def summarize(self, categories: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-        """The `pq.pq_compute` result dict ('All', 'Things', 'Stuff', 'per_class')."""
 
 
 def summarize_pq(result: Mapping[str, Any], table: CategoryTable) -> dict[str, Any]:
@@ -101,7 +95,7 @@ class PanopticEvaluator:
         *,
         write_predictions: bool = False,
         output_dir: str | None = None,
-        device_accumulator: Callable[[], DevicePQAccumulator] | None = None,
+        device_accumulator: Callable[[], pq_device.DevicePQAccumulator] | None = None,
     ):
         """Creates the evaluator.
 
@@ -125,7 +119,7 @@ class PanopticEvaluator:
     def reset(self) -> None:
         """Forgets every processed image (the ground-truth cache is kept)."""
         self._stats = {o: pq_lib.PQStat() for o in self.orderings}
-        self._device: dict[str, DevicePQAccumulator] = {}
+        self._device: dict[str, pq_device.DevicePQAccumulator] = {}
         self._annotations: dict[str, list[dict[str, Any]]] = {o: [] for o in self.orderings}
         self._image_ids: list[int] = []
         self.files = {}
@@ -236,3 +230,109 @@ class PanopticEvaluator:
             )
             self.files[f"panoptic_{o}_json"] = folder + ".json"
             self.files[f"panoptic_{o}_folder"] = folder
+
+
+class DevicePQ:
+    """Host side of the on-device PQ (``config.eval.pq_backend = 'device'``).
+
+    Static sizes come from the eval split: the canvas (Hmax, Wmax) is the largest original image
+    of the panoptic JSON's ``images`` (height, width), G the most segments of one annotation, so
+    one compilation serves every batch. Per batch, `batch_arrays` packs each example's decoded
+    ground truth (`PanopticGroundTruth.image`, cached) into `pq_device.ground_truth_to_device`'s
+    padded form; `postprocess` runs inside the jitted inference; `accumulator` makes the host sums.
+
+    Attributes:
+      keys: the batch entries `postprocess` reads (sent to the device with the batch).
+      canvas: (Hmax, Wmax).
+      max_segments: G.
+    """
+
+    keys = ("gt_index_map", "gt_category", "gt_iscrowd", "gt_area", "gt_valid", "orig_shape")
+
+    def __init__(self, ground_truth: PanopticGroundTruth, orderings: Sequence[str]):
+        """Sizes the device inputs from the split.
+
+        Raises:
+          ValueError: the panoptic JSON's ``images`` lack a height or width.
+        """
+        self.gt = ground_truth
+        self.orderings = tuple(orderings)
+        try:
+            sizes = [(int(im["height"]), int(im["width"])) for im in ground_truth.dataset["images"]]
+        except KeyError as e:
+            raise ValueError(
+                f"{ground_truth.json_path}: pq_backend 'device' needs the height and width of "
+                f"every entry of 'images' (missing {e}); use pq_backend 'host'"
+            ) from e
+        self.canvas = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        self.max_segments = max(
+            1,
+            max(
+                len({int(s["id"]) for s in a["segments_info"]})
+                for a in ground_truth.annotations.values()
+            ),
+        )
+        table = ground_truth.table
+        self._to_contiguous = {int(d): c for c, d in enumerate(table.dataset_ids)}
+        self._num_classes = len(table.dataset_ids)
+
+    def batch_arrays(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The ground-truth entries of `keys` for one host batch (padding examples: all void).
+
+        Args:
+          batch: the eval batch ('image_id' [B], 'example_valid' [B], 'orig_shape' [B, 2]).
+
+        Returns:
+          'gt_index_map' int32 [B, Hmax, Wmax], 'gt_category' int32 [B, G], 'gt_iscrowd' bool
+          [B, G], 'gt_area' int32 [B, G], 'gt_valid' bool [B, G], 'orig_shape' int32 [B, 2].
+        """
+        b = len(batch["image_id"])
+        g = self.max_segments
+        out = {
+            "gt_index_map": np.zeros((b, *self.canvas), np.int32),
+            "gt_category": np.zeros((b, g), np.int32),
+            "gt_iscrowd": np.zeros((b, g), bool),
+            "gt_area": np.zeros((b, g), np.int32),
+            "gt_valid": np.zeros((b, g), bool),
+            "orig_shape": np.asarray(batch["orig_shape"], np.int32),
+        }
+        for i in np.flatnonzero(np.asarray(batch["example_valid"], bool)):
+            image = self.gt.image(int(batch["image_id"][i]))
+            arrays = pq_device.ground_truth_to_device(
+                image.index_map,
+                image.segments_info,
+                self._to_contiguous,
+                g,
+                self.canvas,
+                image=f"image {image.image_id} ({image.file_name})",
+            )
+            for key in ("index_map", "category", "iscrowd", "area", "valid"):
+                out[f"gt_{key}"][i] = arrays[key]
+        return out
+
+    def postprocess(
+        self, outputs: Mapping[str, Any], batch: Mapping[str, jax.Array]
+    ) -> dict[str, Any]:
+        """Traced inside the jitted inference: {'pq_stats': {ordering: `pq_device.pq_stats`}}."""
+        stats = {}
+        for o in self.orderings:
+            pan = outputs["panoptic"][o]
+            pred = pq_device.resize_to_original(
+                pan["id_map"], batch["image_shape"], batch["orig_shape"], canvas_size=self.canvas
+            )
+            stats[o] = pq_device.pq_stats(
+                batch["gt_index_map"],
+                batch["gt_category"],
+                batch["gt_iscrowd"],
+                batch["gt_area"],
+                batch["gt_valid"],
+                pred,
+                pan["segments"]["category"],
+                pan["segments"]["valid"],
+                num_classes=self._num_classes,
+            )
+        return {"pq_stats": stats}
+
+    def accumulator(self) -> pq_device.DevicePQAccumulator:
+        """A fresh host accumulator (dataset category ids)."""
+        return pq_device.DevicePQAccumulator(self.gt.table.dataset_ids)

@@ -315,18 +315,21 @@ class DevicePQAccumulator:
         self.fn = np.zeros(c, np.int64)
         self.iou = np.zeros(c, np.float64)
 
-    def add(self, stats: Mapping[str, Any], num_images: int | None = None) -> None:
+    def add(self, stats: Mapping[str, Any], example_valid: np.ndarray | None = None) -> None:
         """Adds one batch of `pq_stats` output.
 
         Args:
-          stats: the dict returned by `pq_stats` (device or numpy arrays).
-          num_images: count only the first `num_images` images of the batch (a padded last
-            batch); default: all.
+          stats: the dict returned by `pq_stats` (device or numpy arrays), batch B.
+          example_valid: bool [B]: count only these images (padding examples of a last batch
+            are False); default: all.
 
         Raises:
           ValueError: a ground-truth segment matched twice (JSON area below its pixel count).
         """
-        s = {k: np.asarray(v)[:num_images] for k, v in jax.device_get(dict(stats)).items()}
+        s = {k: np.asarray(v) for k, v in jax.device_get(dict(stats)).items()}
+        if example_valid is not None:
+            keep = np.asarray(example_valid, bool)
+            s = {k: v[keep] for k, v in s.items()}
         if np.any(s["tp_pairs"] > 1):
             raise ValueError(
                 "a ground-truth segment has two matches (its JSON area is below its pixel count); "
@@ -348,7 +351,7 @@ class DevicePQAccumulator:
             entry.iou = float(self.iou[j])
         return stat
 
-    def result(
+    def summarize(
         self, categories: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         """The `pq.pq_compute` result dict (`PQStat.summarize`) over dataset `categories`."""

@@ -170,3 +170,28 @@ def test_evaluate_params_caches_ground_truth_and_compilation(tiny_setup, eval_ru
     assert [ev.image_ids for ev in runner.evaluators[:2]] == [order[:3]] * 2
     assert runner.ground_truth.decode_count == NUM_VAL
     assert runner.infer._jitted._cache_size() == 1
+
+
+def test_device_pq_backend_equals_host(tiny_setup, tmp_path):
+    """pq_backend 'device' (matching inside the jitted inference) == 'host', every PQ number."""
+    config, model, variables, _ = tiny_setup
+    results = {}
+    for backend in ("host", "device"):
+        config = copy.deepcopy(config)
+        config.eval.pq_backend = backend
+        runner = ev_lib.EvalRunner(config, model)
+        assert (runner.device_pq is not None) == (backend == "device")
+        results[backend] = runner.run(variables, 1, str(tmp_path / backend))
+    host, device = results["host"]["panoptic"], results["device"]["panoptic"]
+    assert set(host) == set(device) == {"score", "srm"}
+    for ordering in host:
+        h, d = host[ordering], device[ordering]
+        assert h["n"] > 0  # categories with a TP, FP or FN: the comparison is not vacuous
+        for key in (*PQ_METRICS, "n", "n_th", "n_st"):
+            assert d[key] == pytest.approx(h[key], abs=1e-9), (ordering, key)
+        for name, per_class in h["per_class"].items():
+            for m in ("PQ", "SQ", "RQ"):
+                assert d["per_class"][name][m] == pytest.approx(per_class[m], abs=1e-9)
+    dev = runner.device_pq
+    assert dev.canvas == SIZE and dev.max_segments >= 1
+    assert runner.infer._jitted._cache_size() == 1  # the padded last batch did not recompile

@@ -187,24 +187,3 @@ def test_panoptic_evaluator_in_memory_equals_files(coco_gt, tmp_path):
     semantic.process(inputs, {"stuff_labels": np.full((3, *PADDED), -1, np.int32)})
     assert semantic.evaluate()["stuff"]["mIoU"] == 0.0
     assert gt.decode_count == 2
-
-
-def test_panoptic_evaluator_uses_device_statistics_when_present(coco_gt):
-    data, gt_json = coco_gt
-    gt = gt_lib.load_panoptic_ground_truth(data)
-    calls = []
-
-    class FakeAccumulator:
-        def add(self, stats, example_valid):
-            calls.append((stats, example_valid.tolist()))
-
-        def summarize(self, categories):
-            return pq.PQStat().summarize(categories)
-
-    evaluator = PanopticEvaluator(gt, ("score", "srm"), device_accumulator=FakeAccumulator)
-    inputs, outputs = _batch(gt, gt_json)
-    evaluator.process(inputs, {**outputs, "pq_stats": {"srm": "device arrays"}})
-    assert calls == [("device arrays", [True, True, False])]
-    result = evaluator.evaluate()["panoptic"]
-    assert result["score"]["PQ"] == pytest.approx(100.0)  # host path
-    assert result["srm"]["n"] == 0  # from the (empty) fake accumulator

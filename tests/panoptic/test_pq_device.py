@@ -76,7 +76,7 @@ def _device_stat(gt_items, pred_items, table, canvas, batch_size=4):
             np.stack([p[2] for p in preds]),
             num_classes=table.num_classes,
         )
-        acc.add(stats, num_images=n)
+        acc.add(stats, np.arange(len(stats["tp"])) < n)
     return acc
 
 
@@ -113,7 +113,7 @@ def _compare(tmp_path, gt_anns, gt_folder, gt_maps, categories, variants, seed, 
         acc = _device_stat(gt_items, pred_items, table, canvas)
         _assert_stat_equal(acc.to_pq_stat(), ref_total)
         ref_results = _ref_results(ref_total, cats)
-        _assert_results_equal(acc.result(categories), ref_results)
+        _assert_results_equal(acc.summarize(categories), ref_results)
         in_memory = pq.evaluate_id_maps(
             [(gt_maps[a["file_name"]], a["segments_info"]) for a in gt_anns],
             pred_items,
@@ -317,5 +317,5 @@ def test_merge_output_to_pq_equals_host_path():
     acc = pq_device.DevicePQAccumulator(table.dataset_ids)
     acc.add(stats)
     _assert_results_equal(
-        acc.result(categories), pq.evaluate_id_maps(host_gt, host_pred, categories)
+        acc.summarize(categories), pq.evaluate_id_maps(host_gt, host_pred, categories)
     )
