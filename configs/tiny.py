@@ -42,4 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.lr_decay_steps = (3,)
     c.checkpoint.every_steps = 2
     c.eval.batch_size = 4
+    # Tests train the tiny model many times: no evaluation after each run unless a test asks.
+    c.eval.at_end = False
     return c

@@ -14,17 +14,21 @@ What counts as a read:
   machinery, e.g. ``__eq__`` or ``__hash__``, do not count).
 
 Each phase names the config sections whose leaves it is responsible for; the checked sections
-are the union of the phases' (`config.eval` is covered by an evaluation phase, added to `PHASES`
-together with the evaluation code at integration). Tracing is abstract (``jax.eval_shape``) at a
-128 x 128 input size with the base config's other values.
+are the union of the phases'. Tracing is abstract (``jax.eval_shape``) at a 128 x 128 input size
+with the base config's other values; the evaluation phase builds the evaluation during training
+and the evaluation runner on the real COCO sample's ground truth.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import pathlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 import flax.linen as nn
@@ -36,13 +40,20 @@ from ml_collections.config_dict import config_dict as config_dict_lib
 
 import oanet_jax
 from configs import base, tiny
+from oanet_jax.common.metric_writer import MetricWriter
+from oanet_jax.data import spec as data_spec
+from oanet_jax.eval.evaluator import EvalRunner
 from oanet_jax.modeling import build
 from oanet_jax.modeling.config import SECTIONS, RPNConfig
 from oanet_jax.train import optimizer as optimizer_lib
 from oanet_jax.train import step as step_lib
+from oanet_jax.train.periodic_eval import PeriodicEvaluation
 from oanet_jax.train.state import TrainState
 
 PACKAGE_DIR = os.path.dirname(oanet_jax.__file__) + os.sep
+COCO_SAMPLE = (
+    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_panoptic_sample"
+)
 CONFIG_DICT_FILE = config_dict_lib.__file__
 BATCH = 2
 
@@ -60,23 +71,9 @@ class Phase:
 
 
 def _abstract_batch(config: ml_collections.ConfigDict, train: bool) -> dict:
-    h, w = config.data.image_size
-    m, s = config.data.max_instances, config.data.mask_size
-    f32 = jnp.float32
-    batch = {
-        "image": jax.ShapeDtypeStruct((BATCH, h, w, 3), f32),
-        "image_shape": jax.ShapeDtypeStruct((BATCH, 2), jnp.int32),
-    }
-    if train:
-        batch |= {
-            "boxes": jax.ShapeDtypeStruct((BATCH, m, 4), f32),
-            "classes": jax.ShapeDtypeStruct((BATCH, m), jnp.int32),
-            "is_crowd": jax.ShapeDtypeStruct((BATCH, m), jnp.bool_),
-            "valid": jax.ShapeDtypeStruct((BATCH, m), jnp.bool_),
-            "masks": jax.ShapeDtypeStruct((BATCH, m, s, s), f32),
-            "semantic": jax.ShapeDtypeStruct((BATCH, h, w), jnp.uint8),
-        }
-    return batch
+    """The batch spec's train batch, or the image inputs of inference."""
+    spec = data_spec.batch_spec(config.data, BATCH, train=True)
+    return spec if train else {k: spec[k] for k in ("image", "image_shape")}
 
 
 def _abstract_variables(model: nn.Module, batch: dict) -> dict:
@@ -116,11 +113,42 @@ def trace_train_step(config: ml_collections.ConfigDict) -> None:
     jax.eval_shape(step, state, batch)
 
 
+def build_evaluation(config: ml_collections.ConfigDict) -> None:
+    """Sets up evaluation during training and the evaluation runner (evaluators, inference).
+
+    The eval split is the real COCO panoptic sample, its category list cut to the model's
+    numbers of thing and stuff classes (all 80 + 53 for the base config), so the ground truth
+    loads; nothing is compiled or run.
+    """
+    sample = COCO_SAMPLE
+    if not sample.exists():
+        pytest.skip(f"COCO sample not found at {sample}")
+    workdir = tempfile.mkdtemp()
+    gt = json.loads((sample / "panoptic_examples.json").read_text())
+    categories = json.loads((sample / "panoptic_coco_categories.json").read_text())
+    things = [c for c in categories if c["isthing"]][: config.model.num_thing_classes]
+    stuff = [c for c in categories if not c["isthing"]][: config.model.num_stuff_classes]
+    gt["categories"] = things + stuff
+    gt_file = os.path.join(workdir, "gt.json")
+    with open(gt_file, "w") as f:
+        json.dump(gt, f)
+    config.data.root = ""
+    config.data.eval.panoptic_json = gt_file
+    config.data.eval.panoptic_dir = str(sample / "panoptic_examples")
+    config.data.eval.instances_json = ""
+    model = build.build_model(config)
+    with MetricWriter(None, None, enabled=False) as writer:
+        PeriodicEvaluation(config, workdir, model, writer).close()
+    EvalRunner(config, model)
+    shutil.rmtree(workdir)
+
+
 PHASES: list[Phase] = [
     Phase("model forward (train, inference)", trace_model, covers=("model",)),
     Phase("train step", trace_train_step, covers=("model", "loss")),
+    Phase("evaluation (during training, runner)", build_evaluation, covers=("eval",)),
 ]
-"""The consumers of the config. The evaluation phase joins with `covers=('eval',)`."""
+"""The consumers of the config."""
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:

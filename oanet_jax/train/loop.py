@@ -20,6 +20,8 @@ One call trains from the latest checkpoint in ``workdir`` (or from scratch) to
    loop finishes the step in flight, saves a checkpoint at the current step synchronously
    (waiting for pending asynchronous saves), prints the report and returns normally, so the
    process exits with status 0. A second signal gets the default behaviour.
+6. Evaluation every ``eval.every_steps`` and after the last step (``eval.at_end``), with the best
+   checkpoint by PQ kept in ``workdir/checkpoints_best`` (:mod:`oanet_jax.train.periodic_eval`).
 
 Step numbering: "step k" is the k-th optimizer update; the state after it has ``state.step == k``
 and it consumed training batch ``k - 1`` (0-based). ``metrics.jsonl`` lines, checkpoints and
@@ -46,6 +48,7 @@ from absl import logging
 from oanet_jax.common.metric_writer import MetricWriter
 from oanet_jax.data import spec as data_spec
 from oanet_jax.train import checkpoint as ckpt_lib
+from oanet_jax.train.periodic_eval import PeriodicEvaluation
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -266,7 +269,8 @@ def train_and_evaluate(
         Dict: ``step`` (the last completed step), the means of the last log interval (every loss
         term, ``total``, ``grad_norm``, ``lr``, ``step_time``, ``images_per_sec``),
         ``skipped_steps`` (non-finite steps skipped in this run), ``stopped_by`` (signal name or
-        None), ``checkpoint_dir``, ``metrics_file``, ``tensorboard_dir``.
+        None), ``checkpoint_dir``, ``metrics_file``, ``tensorboard_dir``, ``eval`` (the results
+        of the last evaluation during training, see `periodic_eval`; None without one).
 
     Raises:
         NonFiniteLossError: a non-finite loss with ``train.on_nonfinite == 'error'`` (pending
@@ -363,6 +367,12 @@ def train_and_evaluate(
 
     from tqdm import tqdm
 
+    evaluation = PeriodicEvaluation(config, workdir, model, writer)
+
+    def report_eval(results: Mapping[str, Any]) -> None:
+        if is_main:
+            tqdm.write(evaluation.summary(results), file=sys.stderr)
+
     step = start_step
     skipped = 0
     last_logged: dict[str, float] = {}
@@ -431,18 +441,24 @@ def train_and_evaluate(
                 if pending is not None:
                     process(pending)  # step - 1, while `step` runs
                 pending = (step, device_metrics)
-                if manager.should_save(step):
+                if manager.should_save(step) or evaluation.due(step):
                     process(pending)  # never checkpoint an unchecked (possibly non-finite) step
                     pending = None
-                    manager.save(step, state, metadata(step))
+                    if manager.should_save(step):
+                        manager.save(step, state, metadata(step))
+                    if evaluation.due(step):
+                        report_eval(evaluation.run(step, state, metadata(step)))
             if pending is not None:
                 process(pending)
                 pending = None
             # Final / on-signal checkpoint (skipped if this step is already saved), synchronous.
             manager.save(step, state, metadata(step), wait=True)
+            if stopped_by is None and evaluation.due(step, final=True):
+                report_eval(evaluation.run(step, state, metadata(step)))
     finally:
         progress.close()
         writer.close()
+        evaluation.close()
         try:
             manager.close()  # waits for pending async saves, also on errors
         except Exception as e:  # noqa: BLE001 - do not mask the original error
@@ -456,6 +472,7 @@ def train_and_evaluate(
         "checkpoint_dir": manager.directory,
         "metrics_file": metrics_path,
         "tensorboard_dir": writer.tb_dir,
+        "eval": evaluation.last,
     }
     if is_main:
         print(_report(result, num_steps, manager), flush=True)
@@ -486,5 +503,18 @@ def _report(result: Mapping[str, Any], num_steps: int, manager: Any) -> str:
     if result["skipped_steps"]:
         lines.append(f"Skipped non-finite steps: {result['skipped_steps']}")
     lines.append(f"Checkpoints: {result['checkpoint_dir']} (steps {manager.all_steps()})")
+    if result.get("eval"):
+        ev = result["eval"]
+        lines.append(
+            "Last evaluation: "
+            + ", ".join(f"PQ ({o}) {r['PQ']:.1f}" for o, r in ev["panoptic"].items())
+            + f"; results in {os.path.dirname(ev['files']['results_json'])}"
+        )
+        if ev.get("best"):
+            b = ev["best"]
+            lines.append(
+                f"Best checkpoint: step {b['step']} ({b['metric']} {b['value']:.1f}) in "
+                f"{os.path.join(os.path.dirname(result['checkpoint_dir']), ckpt_lib.BEST_DIR)}"
+            )
     lines.append(f"Metrics: {result['metrics_file']}; TensorBoard: {result['tensorboard_dir']}")
     return "\n".join(lines)

@@ -316,3 +316,39 @@ def test_nonfinite_error_and_skip(tmp_path, env, data_root):
     later = _full_state(work, NAN_STEP + 1)
     params = [(x, y) for (p, x), (_, y) in zip(after, later, strict=True) if "params" in str(p)]
     assert any(not np.array_equal(x, y) for x, y in params)  # the next step updates again
+
+
+def test_train_and_evaluate_evaluates_and_keeps_the_best(tmp_path, data_root):
+    """Evaluation every 2 steps and at the end: results, eval scalars, the best checkpoint."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.root = data_root
+    config.train.num_steps = 4
+    config.checkpoint.every_steps = 3
+    config.eval.every_steps = 2
+    config.eval.at_end = True
+    config.eval.num_images = 4
+    workdir = tmp_path / "w"
+    result = loop.train_and_evaluate(config, str(workdir))
+    assert result["step"] == 4 and result["eval"]["step"] == 4
+    assert result["eval"]["num_images"] == 4
+    for step in (2, 4):
+        saved = json.loads((workdir / f"eval_{step}" / "results.json").read_text())
+        assert saved["step"] == step and set(saved["panoptic"]) == {"score", "srm"}
+    evals = {m["step"]: m for m in _metrics(workdir) if "eval/panoptic_score/PQ" in m}
+    assert sorted(evals) == [2, 4]  # step 4 once: the final evaluation is the periodic one
+    for m in evals.values():
+        assert {"eval/panoptic_srm/PQ", "eval/bbox/AP", "eval/segm/AP", "eval/stuff/mIoU"} <= set(m)
+    # The best checkpoint: the first step with the highest PQ of the first ordering.
+    pq = {s: m["eval/panoptic_score/PQ"] for s, m in evals.items()}
+    best = max(pq, key=lambda s: (pq[s], -s))
+    assert ckpt_lib.steps_in(str(workdir)) == [3, 4]
+    best_dir = workdir / ckpt_lib.BEST_DIR
+    assert sorted(int(p.name) for p in best_dir.iterdir() if p.name.isdigit()) == [best]
+    assert result["eval"]["best"] == {"step": best, "value": pq[best], "metric": "PQ"}
+    _, step = ckpt_lib.restore_variables(str(workdir), best=True)
+    assert step == best
+    # A rerun of the finished job trains nothing and does not evaluate step 4 again.
+    again = loop.train_and_evaluate(config, str(workdir))
+    assert again["step"] == 4 and again["eval"] is None

@@ -1,0 +1,134 @@
+"""Evaluation during training (flax examples' ``train_and_evaluate`` that really evaluates).
+
+Every ``config.eval.every_steps`` steps (0 = never) and, when ``config.eval.at_end``, after the
+last step, the live parameters are evaluated on the eval split (its first ``config.eval.num_images``
+images; 0 = all) by `oanet_jax.eval.evaluator.evaluate_params`, whose runner keeps the decoded
+ground truth and the compiled inference across evaluations. Per evaluation:
+
+* ``workdir/eval_<step>/results.{json,md}`` (PQ per ordering, box/mask AP, stuff mIoU);
+* the scalars in the training's ``metrics.jsonl`` and TensorBoard events, tagged ``eval/...``
+  (``eval/panoptic_srm/PQ``, ``eval/bbox/AP``, ...), at the training step;
+* the state is saved to ``workdir/checkpoints_best`` when ``config.eval.best_metric`` (PQ by
+  default) of the first ordering of ``config.eval.orderings`` beats the best so far (orbax
+  ``best_fn``; one checkpoint kept there, besides the periodic ones). `oanet-evaluate
+  --checkpoint best` evaluates it.
+
+Evaluation is single-process (`evaluate_params`); in a multi-process run it is skipped with a
+warning (evaluate the checkpoints with `oanet-evaluate`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from absl import logging
+
+from oanet_jax.common.metric_writer import MetricWriter
+from oanet_jax.train import checkpoint as ckpt_lib
+
+__all__ = ["PeriodicEvaluation"]
+
+
+class PeriodicEvaluation:
+    """When to evaluate, the evaluation itself, its scalars and the best checkpoint.
+
+    Attributes:
+      enabled: False when no evaluation is configured (or in a multi-process run).
+      last: the results of the latest evaluation (None before the first).
+    """
+
+    def __init__(self, config: Any, workdir: str, model: Any, writer: MetricWriter):
+        """Sets up from ``config.eval`` (every_steps, at_end, best_metric, orderings).
+
+        Args:
+          config: full config.
+          workdir: the run's work directory.
+          model: the OANet module being trained (shared with the evaluation).
+          writer: the training's scalar writer.
+        """
+        e = config.eval
+        self.config = config
+        self.workdir = workdir
+        self.model = model
+        self.writer = writer
+        self.every = int(e.every_steps)
+        self.at_end = bool(e.at_end)
+        self.metric = str(e.best_metric)
+        self.ordering = str(tuple(e.orderings)[0])
+        self.enabled = self.every > 0 or self.at_end
+        if self.enabled and jax.process_count() > 1:
+            logging.warning(
+                "Evaluation during training is single-process: skipped in this %d-process run; "
+                "evaluate the checkpoints with oanet-evaluate.",
+                jax.process_count(),
+            )
+            self.enabled = False
+        self.best_manager = (
+            ckpt_lib.TrainCheckpointManager.best_from_config(config, workdir)
+            if self.enabled
+            else None
+        )
+        self.last: dict[str, Any] | None = None
+        self._done: set[int] = set()
+
+    def due(self, step: int, *, final: bool = False) -> bool:
+        """Whether to evaluate after `step` (``final``: the last step of the run)."""
+        if not self.enabled or step <= 0 or step in self._done:
+            return False
+        if final and self.at_end:
+            return not os.path.exists(self._dir(step, "results.json"))  # not again on a rerun
+        return self.every > 0 and step % self.every == 0
+
+    def _dir(self, step: int, *names: str) -> str:
+        return os.path.join(self.workdir, f"eval_{step}", *names)
+
+    def run(self, step: int, state: Any, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluates `state`'s variables, logs the scalars, keeps the best checkpoint.
+
+        Args:
+          step: the training step of `state`.
+          state: the TrainState (its params and batch_stats are evaluated).
+          metadata: the checkpoint metadata of this step (for the best checkpoint).
+
+        Returns:
+          `evaluate_params`'s results, plus 'best' ({'step', 'value', 'metric'}) and 'saved_best'.
+        """
+        from oanet_jax.eval.evaluator import evaluate_params
+        from oanet_jax.eval.report import result_scalars
+
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        results = evaluate_params(self.config, variables, step, self._dir(step), model=self.model)
+        self.writer.write(step, {f"eval/{k}": v for k, v in result_scalars(results).items()})
+        value = float(results["panoptic"][self.ordering][self.metric])
+        saved = self.best_manager.save_if_best(step, state, metadata, value)
+        best = self.best_manager.best() if not saved else (step, value)
+        results["saved_best"] = saved
+        results["best"] = (
+            {"step": best[0], "value": best[1], "metric": self.metric} if best else None
+        )
+        self._done.add(step)
+        self.last = results
+        return results
+
+    def summary(self, results: Mapping[str, Any]) -> str:
+        """One console line of an evaluation's results."""
+        pq = ", ".join(f"{o} {r['PQ']:.1f}" for o, r in results["panoptic"].items())
+        line = f"eval step {results['step']}: PQ {pq}"
+        if "bbox" in results and "segm" in results:
+            line += f"; box AP {results['bbox']['AP']:.1f}, mask AP {results['segm']['AP']:.1f}"
+        if "stuff" in results:
+            line += f"; stuff mIoU {results['stuff']['mIoU']:.1f}"
+        best = results.get("best")
+        if best:
+            line += (
+                f"; best {self.ordering} {best['metric']} {best['value']:.1f} (step {best['step']})"
+            )
+        return line
+
+    def close(self) -> None:
+        """Waits for a pending best-checkpoint save and releases the manager."""
+        if self.best_manager is not None:
+            self.best_manager.close()
