@@ -415,15 +415,17 @@ def evaluate_checkpoint(
     workdir: str,
     *,
     checkpoint: int | None = None,
+    best: bool = False,
     orderings: Sequence[str] | None = None,
     max_batches: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`evaluate` of a training checkpoint (default: the latest readable one of `workdir`)."""
+    """`evaluate` of a training checkpoint (default: the latest readable one of `workdir`;
+    ``best``: the one kept in ``checkpoints_best`` by evaluation during training)."""
     from oanet_jax.modeling.build import build_model
     from oanet_jax.train.checkpoint import restore_variables
 
-    variables, step = restore_variables(workdir, checkpoint)
+    variables, step = restore_variables(workdir, checkpoint, best=best)
     return evaluate(
         config,
         build_model(config),

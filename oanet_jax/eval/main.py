@@ -5,6 +5,7 @@ Example:
     python scripts/evaluate.py --config configs/synthetic.py --workdir runs/synthetic
     python scripts/evaluate.py --config configs/synthetic.py --workdir runs/synthetic \
         --checkpoint 1000 --config.eval.batch_size=4 --config.eval.write_predictions=True
+    python scripts/evaluate.py --config configs/synthetic.py --workdir runs/synthetic --best
 
 Outputs go to ``<workdir>/eval_<step>/`` (results.json, results.md; with
 ``eval.write_predictions`` the prediction PNGs and JSONs per ordering) and scalars to
@@ -34,6 +35,11 @@ def _define_flags() -> dict[str, Any]:
         "checkpoint": flags.DEFINE_integer(
             "checkpoint", None, "Checkpoint step (default: the latest)."
         ),
+        "best": flags.DEFINE_bool(
+            "best",
+            False,
+            "Evaluate the best checkpoint (checkpoints_best, kept by evaluation during training).",
+        ),
         "max_batches": flags.DEFINE_integer(
             "max_batches", None, "Evaluate only this many batches."
         ),
@@ -59,6 +65,7 @@ def _run(argv: list[str], f: dict[str, Any]) -> None:
         config,
         f["workdir"].value,
         checkpoint=f["checkpoint"].value,
+        best=f["best"].value,
         orderings=tuple(f["orderings"].value or config.eval.orderings),
         max_batches=f["max_batches"].value,
     )

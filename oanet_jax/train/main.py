@@ -7,15 +7,19 @@ Usage::
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. SIGTERM / Ctrl-C save a
 checkpoint at the current step and exit with status 0. With the synthetic configs the dataset is
-generated at `config.data.root` if it does not exist. Does not import torch.
+generated at `config.data.root` if it does not exist. With ``config.eval.every_steps`` /
+``config.eval.at_end`` it also evaluates (see `oanet_jax.train.periodic_eval`). orbax/absl INFO
+lines are hidden; ``-v 0`` shows them. Does not import torch.
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from oanet_jax.common.console import setup_console
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, events.")
@@ -25,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    setup_console()
     from oanet_jax.train import loop
 
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -37,6 +41,7 @@ def main() -> None:
     # TensorFlow only moves numpy data here: its oneDNN kernels (and their banner) are not needed.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    setup_console()
     app.run(_main)
 
 
