@@ -14,14 +14,14 @@ back to the original image is `oanet_jax.data.transforms.crop_and_resize_to_orig
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from oanet_jax.common.files import write_json
 
 __all__ = [
     "MAX_SEGMENT_ID",
@@ -315,24 +315,4 @@ def write_predictions_json(
         seen.add(rec["image_id"])
         records.append(rec)
     payload = {"annotations": records, "categories": [dict(c) for c in categories]}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    write_json(path, payload)

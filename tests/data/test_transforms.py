@@ -12,27 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")  # oracle; imported before tensorflow (conftest too)
 import torch.nn.functional as F  # noqa: E402
+from oracles import grid_sample_crop  # noqa: E402
 
 from oanet_jax.data import coco_panoptic, spec, transforms  # noqa: E402
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _grid_sample_crop(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Oracle: torch grid_sample (bilinear, zeros, align_corners=False) at box-frame points."""
-    n, h, w = masks.shape
-    frac = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    xs = b[:, 0:1] + frac[None] * (b[:, 2:3] - b[:, 0:1])  # [N, S] image x coordinates
-    ys = b[:, 1:2] + frac[None] * (b[:, 3:4] - b[:, 1:2])
-    gx = xs / w * 2 - 1
-    gy = ys / h * 2 - 1
-    grid = torch.stack(
-        [gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1
-    )
-    src = torch.as_tensor(np.ascontiguousarray(masks), dtype=torch.float64)[:, None]
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[:, 0].numpy()
 
 
 def _blob_masks(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
@@ -170,7 +154,7 @@ def test_transform_record_shapes_padding_and_values(check_padding):
     assert err.max() <= 1.0
     # Masks: the grid_sample crop of the full-resolution masks in the original boxes.
     np.testing.assert_allclose(
-        ex["masks"][:3], _grid_sample_crop(rec["masks"], rec["boxes"], 8), atol=1e-6
+        ex["masks"][:3], grid_sample_crop(rec["masks"], rec["boxes"], 8), atol=1e-6
     )
 
 
@@ -215,7 +199,7 @@ def test_flip_consistency(check_padding):
     width = rec["image"].shape[1]
     ob = rec["boxes"]
     mirrored = np.stack([width - ob[:, 2], ob[:, 1], width - ob[:, 0], ob[:, 3]], axis=1)
-    crop = _grid_sample_crop(rec["masks"][:, :, ::-1], mirrored, SMALL.mask_size)
+    crop = grid_sample_crop(rec["masks"][:, :, ::-1], mirrored, SMALL.mask_size)
     np.testing.assert_allclose(flip["masks"][:n], crop, atol=1e-6)
 
 

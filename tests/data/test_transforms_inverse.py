@@ -9,30 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from oracles import blocky_ids, loop_areas_boxes
 from PIL import Image
 
 from oanet_jax.data import transforms
 from oanet_jax.data.coco_panoptic import CategoryTable
 from oanet_jax.panoptic import io as pio
-
-
-def _blocky_ids(rng, shape, num_ids, block=4):
-    """int64 [H, W] map of piecewise-constant ids (blocks of `block` pixels), 0 included."""
-    ids = np.concatenate([[0], rng.choice(np.arange(1, 1 << 24), num_ids - 1, replace=False)])
-    h, w = shape
-    small = rng.choice(ids, ((h + block - 1) // block, (w + block - 1) // block))
-    return np.kron(small, np.ones((block, block), np.int64))[:h, :w]
-
-
-def _loop_areas_boxes(id_map):
-    out = {}
-    for i in np.unique(id_map):
-        if i == 0:
-            continue
-        ys, xs = np.nonzero(id_map == i)
-        box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1)]
-        out[int(i)] = (len(ys), [*box, int(ys.max() - ys.min() + 1)])
-    return out
 
 
 @pytest.mark.parametrize(
@@ -46,7 +28,7 @@ def _loop_areas_boxes(id_map):
 def test_crop_and_resize_to_original(orig_shape, image_shape, pad_shape):
     rng = np.random.default_rng(sum(orig_shape))
     h, w = image_shape
-    resized = _blocky_ids(rng, image_shape, 12, block=3)
+    resized = blocky_ids(rng, image_shape, 12, block=3)
     resized[h // 2, w // 2] = 4242  # single pixel: may vanish when downscaling
     padded = np.full(pad_shape, 777, np.int64)  # padding holds ids without segments
     padded[:h, :w] = resized
@@ -66,7 +48,7 @@ def test_crop_and_resize_to_original(orig_shape, image_shape, pad_shape):
         (orig_shape[1], orig_shape[0]), Image.Resampling.NEAREST
     )
     assert np.mean(out != np.array(pil)) < 0.1
-    expected = _loop_areas_boxes(out)
+    expected = loop_areas_boxes(out)
     assert [s["id"] for s in cleaned] == [s["id"] for s in segs if s["id"] in expected]
     assert len(cleaned) == len(expected)
     for s in cleaned:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import grid_sample_crop
 
 from oanet_jax.ops import masks as mops
 
@@ -382,25 +383,6 @@ def test_jit_vmap_no_retrace_for_new_values():
 # ----------------------------------------------------------------------------------------------
 
 
-def _grid_sample_crop(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Oracle: torch grid_sample (bilinear, zeros, align_corners=False) at box-frame points."""
-    n, h, w = masks.shape
-    frac = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    xs = b[:, 0:1] + frac[None] * (b[:, 2:3] - b[:, 0:1])  # [N, S] image x coordinates
-    ys = b[:, 1:2] + frac[None] * (b[:, 3:4] - b[:, 1:2])
-    gx = xs / w * 2 - 1
-    gy = ys / h * 2 - 1
-    grid = torch.stack(
-        [gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1
-    )
-    src = torch.as_tensor(np.ascontiguousarray(masks), dtype=torch.float64)[:, None]
-    out = torch.nn.functional.grid_sample(
-        src, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return out[:, 0].numpy()
-
-
 def _twin_inputs(rng, n, height, width):
     """Binary uint8 masks and boxes: tight boxes, fractional, on the border, partly outside."""
     masks = np.stack([_blob_mask(rng, height, width) for _ in range(n)]).astype(np.uint8)
@@ -422,7 +404,7 @@ def test_crop_and_resize_np_matches_grid_sample():
     for size in (8, 28):
         out = mops.crop_and_resize_masks_np(masks, boxes, size)
         assert out.shape == (10, size, size) and out.dtype == np.float32
-        np.testing.assert_allclose(out, _grid_sample_crop(masks, boxes, size), atol=1e-6)
+        np.testing.assert_allclose(out, grid_sample_crop(masks, boxes, size), atol=1e-6)
     empty = mops.crop_and_resize_masks_np(np.zeros((0, 5, 5), np.uint8), np.zeros((0, 4)), 4)
     assert empty.shape == (0, 4, 4) and empty.dtype == np.float32
 

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from oracles import blocky_ids, loop_areas_boxes
 from PIL import Image
 
 from oanet_jax.data import transforms
@@ -15,30 +16,6 @@ from oanet_jax.panoptic import io as pio
 from oanet_jax.panoptic import pq
 
 pan_utils = pytest.importorskip("panopticapi.utils")
-
-
-def _blocky_ids(rng, shape, num_ids, block=4):
-    """int64 [H, W] map of piecewise-constant ids (blocks of `block` pixels), 0 included."""
-    ids = np.concatenate([[0], rng.choice(np.arange(1, 1 << 24), num_ids - 1, replace=False)])
-    h, w = shape
-    small = rng.choice(ids, ((h + block - 1) // block, (w + block - 1) // block))
-    return np.kron(small, np.ones((block, block), np.int64))[:h, :w]
-
-
-def _loop_areas_boxes(id_map):
-    out = {}
-    for i in np.unique(id_map):
-        if i == 0:
-            continue
-        ys, xs = np.nonzero(id_map == i)
-        box = [
-            int(xs.min()),
-            int(ys.min()),
-            int(xs.max() - xs.min() + 1),
-            int(ys.max() - ys.min() + 1),
-        ]
-        out[int(i)] = (len(ys), box)
-    return out
 
 
 def test_id_rgb_against_panopticapi():
@@ -62,7 +39,7 @@ def test_id_rgb_against_panopticapi():
 
 def test_png_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    ids = _blocky_ids(rng, (45, 61), 30, block=3)
+    ids = blocky_ids(rng, (45, 61), 30, block=3)
     ids[0, 0] = (1 << 24) - 1
     segs = [{"id": int(i), "category_id": 7, "score": np.float32(0.5)} for i in np.unique(ids) if i]
     segs.append({"id": 99, "category_id": 7})  # not in the map: dropped
@@ -74,7 +51,7 @@ def test_png_round_trip(tmp_path):
     np.testing.assert_array_equal(
         pan_utils.rgb2id(np.array(Image.open(tmp_path / "pred" / "a.png"))), ids
     )
-    expected = _loop_areas_boxes(ids)
+    expected = loop_areas_boxes(ids)
     assert [s["id"] for s in written] == [s["id"] for s in segs[:-1]]
     for s in written:
         assert (s["area"], s["bbox"]) == expected[s["id"]]
@@ -109,9 +86,9 @@ def test_write_prediction_rejects_inconsistent_segments(tmp_path):
 
 def test_segments_area_boxes_against_loop():
     rng = np.random.default_rng(3)
-    ids = _blocky_ids(rng, (33, 47), 9, block=5)
+    ids = blocky_ids(rng, (33, 47), 9, block=5)
     ids[rng.random(ids.shape) < 0.05] = 5  # scattered pixels: boxes span the image
-    assert pio.segment_areas_and_boxes(ids) == _loop_areas_boxes(ids)
+    assert pio.segment_areas_and_boxes(ids) == loop_areas_boxes(ids)
 
 
 def test_predictions_json_round_trip_and_pq(tmp_path, coco_sample_dir):
