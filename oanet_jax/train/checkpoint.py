@@ -529,7 +529,7 @@ def steps_in(workdir: str) -> Sequence[int]:
 
 
 def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
-    """Overlays converted weights (``scripts/convert_torchvision.py`` output) on a fresh state.
+    """Overlays converted weights (`oanet-convert` output) on a fresh state.
 
     The checkpoint at `path` holds ``{'params': ..., 'batch_stats': ...}``: the whole OANet tree
     (from a torchvision Mask R-CNN) or only its ``'backbone'`` subtree (from an ImageNet ResNet).

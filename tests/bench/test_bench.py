@@ -1,10 +1,13 @@
 """The benchmark helpers run and their correctness checks hold (tiny sizes; no timing asserts)."""
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torchvision")
 
-from oanet_jax.bench import ops, timing  # noqa: E402
+from configs import base  # noqa: E402
+from oanet_jax.bench import ops, timing, train  # noqa: E402
+from oanet_jax.data import spec as data_spec  # noqa: E402
 
 
 def test_timing_helpers_count_calls():
@@ -31,3 +34,17 @@ def test_ops_section_small_matches_torchvision():
         num_boxes=16, image_size=128, channels=8, output_sizes=(7,), sampling_ratios=(2,), repeats=1
     )
     assert res["cases"]["7x7_sr2"]["max_abs_diff"] < 1e-5
+
+
+def test_train_section_batch_follows_the_spec_and_matches_torchvision_targets():
+    config = base.get_config()
+    config.data.image_size = (128, 128)
+    config.train.batch_size = 2
+    ours, images, targets = train.make_batch(config, num_instances=3)
+    data_spec.validate(ours, config.data, 2, train=True)
+    assert ours["valid"].sum(1).tolist() == [3, 3] and len(images) == len(targets) == 2
+    for b, target in enumerate(targets):
+        np.testing.assert_array_equal(target["boxes"].numpy(), ours["boxes"][b, :3])
+        np.testing.assert_array_equal(target["labels"].numpy(), ours["classes"][b, :3] + 1)
+        assert target["masks"].shape == (3, 128, 128) and target["masks"].sum() > 0
+        assert tuple(images[b].shape) == (3, 128, 128) and float(images[b].max()) <= 1.0

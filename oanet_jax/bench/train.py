@@ -1,4 +1,4 @@
-"""Timing helper: one OANet training step (ResNet-50, 1024x1024) vs torchvision's Mask R-CNN.
+"""Train section: one OANet training step (ResNet-50, 1024x1024) vs torchvision's Mask R-CNN.
 
 Ours: `configs/base.py` (paper defaults: FrozenBN ResNet-50 + FPN, RPN, box/mask heads, stuff
 head over 133 classes, SRM), padded image 1024x1024, the full jitted train step of
@@ -6,32 +6,24 @@ head over 133 classes, SRM), padded image 1024x1024, the full jitted train step 
 Peer: torchvision `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)` in train mode on
 the same images and ground truth (its own forward with losses, backward and an SGD step; no
 stuff branch, no SRM, so it does less work). Both get the same synthetic batch: 1024x1024 images
-with a few boxes and masks. Medians over `repeats` steps after warm-up steps (compile excluded).
-
-Usage: python scripts/bench_train.py [--batch 2] [--size 1024] [--repeats 3]
+with a few boxes and masks. Medians over `repeats` steps after one warm-up step (whose time,
+compilation included for ours, is reported as the first step), through `oanet_jax.bench.timing`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
-import statistics
-import sys
-import time
+from typing import Any
 
-import torch  # before tensorflow (the other order segfaults here)
+import jax
+import numpy as np
+import torch
 import torchvision
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import base  # noqa: E402
-from oanet_jax.data import spec as data_spec  # noqa: E402
-from oanet_jax.modeling.build import build_model  # noqa: E402
-from oanet_jax.train import sharding, state, step  # noqa: E402
+from configs import base
+from oanet_jax.bench.timing import time_fn
+from oanet_jax.data import spec as data_spec
+from oanet_jax.modeling.build import build_model
+from oanet_jax.train import sharding, state, step
 
 
 def make_batch(config, num_instances: int):
@@ -79,21 +71,19 @@ def make_batch(config, num_instances: int):
     return ours, torch_images, targets
 
 
-def _median(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+def run(batch: int = 2, size: int = 1024, repeats: int = 3, num_instances: int = 8) -> dict:
+    """Median train-step seconds of ours and torchvision's Mask R-CNN on the same batch.
 
+    Args:
+      batch: images per step.
+      size: square padded image side.
+      repeats: timed steps of each side (after one warm-up step).
+      num_instances: ground-truth instances per image.
 
-def bench_train(batch: int = 2, size: int = 1024, repeats: int = 3, num_instances: int = 8) -> dict:
-    """Median train-step seconds of ours and torchvision's Mask R-CNN on the same batch."""
+    Returns:
+      JSON-able dict: 'ours_init_compile_s' (train state creation), first-step and median step
+      seconds and images/s of each side, 'ratio' (torchvision / ours), 'torch_threads'.
+    """
     config = base.get_config()
     config.data.image_size = (size, size)
     config.train.batch_size = batch
@@ -101,18 +91,23 @@ def bench_train(batch: int = 2, size: int = 1024, repeats: int = 3, num_instance
 
     model = build_model(config)
     mesh = sharding.make_mesh(config.sharding, devices=jax.devices()[:1])
-    t0 = time.perf_counter()
-    train_state, state_sharding = state.create_train_state(config, model, mesh, ours_batch)
-    init_s = time.perf_counter() - t0
-    fn = step.jit_train_step(model, config, mesh, state_sharding)
+    holder: dict[str, Any] = {}
+
+    def create() -> Any:
+        holder["state"], holder["sharding"] = state.create_train_state(
+            config, model, mesh, ours_batch
+        )
+        return holder["state"]
+
+    init_s = time_fn(create, warmup=0, repeats=1)["median_s"]
+    fn = step.jit_train_step(model, config, mesh, holder["sharding"])
     device_batch = sharding.shard_batch(ours_batch, mesh)
-    holder = {"state": train_state}
 
     def ours_step():
         holder["state"], metrics = fn(holder["state"], device_batch)
-        jax.block_until_ready(metrics)
+        return metrics
 
-    ours_first, ours_s = _median(ours_step, 1, repeats)
+    ours = time_fn(ours_step, warmup=1, repeats=repeats)
 
     torch.manual_seed(0)
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(
@@ -127,30 +122,18 @@ def bench_train(batch: int = 2, size: int = 1024, repeats: int = 3, num_instance
         loss.backward()
         opt.step()
 
-    tv_first, tv_s = _median(tv_step, 1, repeats)
+    peer = time_fn(tv_step, warmup=1, repeats=repeats)
+    ours_s, tv_s = ours["median_s"], peer["median_s"]
     return {
         "batch": batch,
         "image_size": size,
         "ours_init_compile_s": init_s,
-        "ours_first_step_s": ours_first,
+        "ours_first_step_s": ours["first_s"],
         "ours_step_s": ours_s,
         "ours_images_per_s": batch / ours_s,
-        "torchvision_first_step_s": tv_first,
+        "torchvision_first_step_s": peer["first_s"],
         "torchvision_step_s": tv_s,
         "torchvision_images_per_s": batch / tv_s,
         "ratio": tv_s / ours_s,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    print(json.dumps(bench_train(args.batch, args.size, args.repeats), indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,4 @@
-"""Whole-model inference speed: jitted ResNet-50 OANet vs torchvision's maskrcnn_resnet50_fpn.
-
-    python scripts/bench_model.py [--height 800] [--width 1344] [--dtype float32] [--iters 10]
+"""Model section: jitted ResNet-50 OANet inference vs torchvision's maskrcnn_resnet50_fpn.
 
 Both networks get the same weights and the same input: torchvision's
 ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()`` (seeded random weights;
@@ -12,12 +10,14 @@ and the torchvision-parity fields). One image of ``height x width`` pixels (a mu
 neither side pads and torchvision's resize is a no-op: its transform's min/max size are set to the
 image's sides).
 
-What each side times (median of ``iters`` runs after ``warmup`` runs, synchronised):
+What each side times (medians of ``iters`` runs after ``warmup`` runs, through
+`oanet_jax.bench.timing`):
 
 * OANet: the jitted ``model.apply(variables, batch, train=False)`` on a batch already on the
   device (normalised image, as the input pipeline delivers it): backbone, FPN, RPN, proposals,
   box head, detections, mask head, plus OANet's stuff head (133 classes at stride 4) and SRM
-  (canvas pasting, ranking scores). Compile time (lower + compile) is reported separately.
+  (canvas pasting, ranking scores). Lowering and compilation (ahead of time) are timed once each
+  and reported separately.
 * torchvision: ``model([image])`` under ``torch.inference_mode`` on the same device: its
   normalisation and (no-op) resize, the same Mask R-CNN pipeline, and the pasting of every mask
   into a full-resolution image (which OANet does not do); no stuff head or SRM.
@@ -25,25 +25,17 @@ What each side times (median of ``iters`` runs after ``warmup`` runs, synchronis
 
 from __future__ import annotations
 
-import argparse
-import pathlib
-import statistics
-import sys
-import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
+import torch
+import torchvision
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
-from configs import base  # noqa: E402
-from oanet_jax.convert import torchvision as convert  # noqa: E402
-from oanet_jax.modeling.build import build_model  # noqa: E402
+from configs import base
+from oanet_jax.bench.timing import time_fn
+from oanet_jax.convert import torchvision as convert
+from oanet_jax.modeling.build import build_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,18 +66,18 @@ def _randomise_frozen_bn(model: torch.nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
 
 
-def _median_ms(fn, warmup: int, iters: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
+def _once(fn) -> tuple[Any, float]:
+    """(result, seconds) of one call of `fn`, timed by `time_fn` (no warm-up)."""
+    out = {}
+    t = time_fn(lambda: out.setdefault("result", fn()), warmup=0, repeats=1)
+    return out["result"], t["median_s"]
 
 
-def bench_model(
+def _ms(seconds: list[float]) -> list[float]:
+    return [round(1e3 * s, 3) for s in seconds]
+
+
+def run(
     height: int = 800,
     width: int = 1344,
     dtype: str = "float32",
@@ -100,7 +92,7 @@ def bench_model(
     Args:
       height, width: image size, multiples of 32.
       dtype: OANet compute dtype ('float32' or 'bfloat16'); torchvision runs in float32.
-      warmup: untimed runs before timing (each side; OANet's first call also compiles, timed
+      warmup: untimed runs before timing (each side; OANet is compiled ahead of time, timed
         separately).
       iters: timed runs; the median is reported.
       randomise_bn: randomise torchvision's FrozenBN statistics (see the module docstring).
@@ -108,8 +100,9 @@ def bench_model(
       torch_device: torch device (default 'cuda' when available, else 'cpu').
 
     Returns:
-      A JSON-able dict: 'image' [h, w], 'oanet_compile_s', 'oanet_median_ms', 'torch_median_ms',
-      'speedup' (torch / OANet median), detection counts, devices, dtypes, raw times.
+      A JSON-able dict: 'image' [h, w], 'oanet_lower_s', 'oanet_compile_s', 'oanet_median_ms',
+      'torch_median_ms', 'speedup' (torch / OANet median), detection counts
+      ('oanet_detections', 'torch_detections'), devices, dtypes, raw times.
     """
     if height % 32 or width % 32:
         raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")
@@ -127,16 +120,15 @@ def bench_model(
     gen = torch.Generator().manual_seed(seed + 2)
     image = torch.rand(3, height, width, generator=gen)  # [0, 1] RGB, as torchvision expects
     image_dev = image.to(device)
+    outputs: dict[str, Any] = {}
 
-    def run_torch() -> Any:
+    def run_torch() -> None:
         with torch.inference_mode():
-            out = tv([image_dev])
+            outputs["torch"] = tv([image_dev])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return out
 
-    tv_out = run_torch()
-    torch_ms, torch_times = _median_ms(run_torch, warmup, iters)
+    torch_t = time_fn(run_torch, warmup=1 + warmup, repeats=iters)
 
     model = build_model(_oanet_config(dtype))
     variables = jax.device_put(convert.convert_maskrcnn(state, model))
@@ -147,55 +139,31 @@ def bench_model(
         {"image": normalised, "image_shape": np.asarray([[height, width]], np.int32)}
     )
     apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
-    t0 = time.perf_counter()
-    lowered = apply.lower(variables, batch)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    lowered, lower_s = _once(lambda: apply.lower(variables, batch))
+    compiled, compile_s = _once(lowered.compile)
 
     def run_oanet() -> Any:
-        return jax.block_until_ready(compiled(variables, batch))
+        outputs["oanet"] = compiled(variables, batch)
+        return outputs["oanet"]
 
-    out = run_oanet()
-    oanet_ms, oanet_times = _median_ms(run_oanet, warmup, iters)
+    oanet_t = time_fn(run_oanet, warmup=1 + warmup, repeats=iters)
+    oanet_ms = 1e3 * oanet_t["median_s"]
+    torch_ms = 1e3 * torch_t["median_s"]
 
     return {
         "image": [height, width],
         "oanet_dtype": dtype,
         "oanet_device": str(jax.devices()[0]),
         "torch_device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-        "oanet_lower_s": round(t1 - t0, 3),
-        "oanet_compile_s": round(t2 - t1, 3),
+        "oanet_lower_s": round(lower_s, 3),
+        "oanet_compile_s": round(compile_s, 3),
         "oanet_median_ms": round(oanet_ms, 3),
         "torch_median_ms": round(torch_ms, 3),
         "speedup": round(torch_ms / oanet_ms, 3),
-        "oanet_detections": int(np.asarray(out["valid"]).sum()),
-        "torch_detections": int(tv_out[0]["boxes"].shape[0]),
+        "oanet_detections": int(np.asarray(outputs["oanet"]["valid"]).sum()),
+        "torch_detections": int(outputs["torch"][0]["boxes"].shape[0]),
         "warmup": warmup,
         "iters": iters,
-        "oanet_times_ms": [round(t, 3) for t in oanet_times],
-        "torch_times_ms": [round(t, 3) for t in torch_times],
+        "oanet_times_ms": _ms(oanet_t["times_s"]),
+        "torch_times_ms": _ms(torch_t["times_s"]),
     }
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs `bench_model` with command-line arguments and prints the result as JSON."""
-    import json
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--height", type=int, default=800)
-    p.add_argument("--width", type=int, default=1344)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--identity-bn", action="store_true", help="keep FrozenBN at identity")
-    a = p.parse_args(argv)
-    result = bench_model(
-        a.height, a.width, a.dtype, a.warmup, a.iters, randomise_bn=not a.identity_bn
-    )
-    print(json.dumps(result, indent=1))
-    return result
-
-
-if __name__ == "__main__":
-    main()
