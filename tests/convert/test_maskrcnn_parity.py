@@ -31,10 +31,16 @@ both images hit the cap of 100 detections. The score threshold is raised to 0.7 
 that one image still hits the cap (100) and the other does not (about 50: padded output), and
 fewer candidates than ``test_max_candidates`` pass (the exact regime of our static top-k).
 
-Tolerances. Backbone/FPN features agree to ~3e-6 relative, RPN logits to ~4e-5 absolute. Boxes
-go through ``exp`` of random deltas, so their error scales with the box size: proposals and
-detections are matched within ``1e-3 + 1e-4 * (box side)`` px per coordinate (measured: at most
-~0.013 px on boxes spanning the image).
+Tolerances. Backbone/FPN features agree to ~3e-6 relative, RPN logits and deltas to ~5e-5
+absolute. A decoded box is ``centre = c_ref + d_xy * s_ref``, ``size = s_ref * exp(d_wh)``: a delta
+error ``e`` moves its centre by ``e * s_ref`` (the REFERENCE box: the anchor for a proposal, the
+proposal for a detection) and changes its size by ``e * s``. The random RPN makes many boxes much
+smaller than their anchor (``exp(-4)``: a 3.4 px high proposal of a 181 px anchor), whose
+coordinate error is then dominated by the anchor's size, e.g. 2.4e-5 of ``dy`` x 181 px = 0.0044 px
+on a 3.4 px box. So each reference box's decode chain (anchor -> proposal -> detection) is recovered
+exactly on the torchvision side (its boxes are bitwise copies of its decoded candidates), and a
+coordinate is matched within ``1e-3 px + 1e-4 x (sum of the longer sides of the boxes in the
+chain)`` (measured: at most ~0.23 of that bound; 1e-4 is ~2x the measured delta error).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
+from torchvision.models.detection.rpn import concat_box_prediction_layers  # noqa: E402
+from torchvision.ops.boxes import clip_boxes_to_image  # noqa: E402
 
 from configs import base  # noqa: E402
 from oanet_jax.convert import torchvision as convert  # noqa: E402
@@ -153,6 +161,18 @@ def runs(tv_model, converted):
     x = np.zeros((len(IMAGE_SHAPES), 3, *CANVAS), np.float32)
     for i, (h, w) in enumerate(IMAGE_SHAPES):
         x[i, :, :h, :w] = rng.normal(size=(3, h, w))  # a normalised image, zero padding
+    captured = {}  # the exact tensors torchvision's rpn and roi_heads decode, via forward hooks
+    hooks = [
+        getattr(tv_model.rpn, name).register_forward_hook(
+            lambda mod, args, result, name=name: captured.__setitem__(name, result)
+        )
+        for name in ("head", "anchor_generator")
+    ]
+    hooks.append(
+        tv_model.roi_heads.box_predictor.register_forward_hook(
+            lambda mod, args, result: captured.__setitem__("box_predictor", result)
+        )
+    )
     with torch.no_grad():
         images = ImageList(torch.from_numpy(x), IMAGE_SHAPES)
         feats = tv_model.backbone(images.tensors)
@@ -160,6 +180,35 @@ def runs(tv_model, converted):
         objectness, deltas = tv_model.rpn.head(levels)
         proposals, _ = tv_model.rpn(images, feats)
         detections, _ = tv_model.roi_heads(feats, proposals, IMAGE_SHAPES)
+        for h in hooks:
+            h.remove()
+        # Every anchor's decoded, clipped box and every (proposal, class) decoded, clipped box,
+        # as torchvision's filter_proposals / postprocess_detections compute them.
+        rpn_logits, rpn_deltas = concat_box_prediction_layers(*captured["head"])
+        rpn_logits = rpn_logits.view(len(x), -1).numpy()
+        anchors = captured["anchor_generator"]
+        rpn_boxes = tv_model.rpn.box_coder.decode(rpn_deltas, anchors).view(len(x), -1, 4)
+        _, box_regression = captured["box_predictor"]
+        det_boxes = tv_model.roi_heads.box_coder.decode(box_regression, proposals)
+        det_boxes = det_boxes.split([len(p) for p in proposals])
+        rpn_boxes = [
+            clip_boxes_to_image(b, s).numpy() for b, s in zip(rpn_boxes, IMAGE_SHAPES, strict=True)
+        ]
+        det_boxes = [
+            clip_boxes_to_image(b, s).numpy() for b, s in zip(det_boxes, IMAGE_SHAPES, strict=True)
+        ]
+    # per proposal: longer side of its anchor + its own longer side; its objectness logit
+    proposal_chain, proposal_logits = [], []
+    for p, b, a, logit in zip(proposals, rpn_boxes, anchors, rpn_logits, strict=True):
+        side, src = _source_side(p.numpy(), b, _side(a.numpy()))
+        proposal_chain.append(side + _side(p.numpy()))
+        proposal_logits.append(logit[src])
+    # per detection: its proposal's chain + its own longer side (torchvision label = class index)
+    detection_chain = [
+        _source_side(d["boxes"].numpy(), b, chain, d["labels"].numpy())[0]
+        + _side(d["boxes"].numpy())
+        for d, b, chain in zip(detections, det_boxes, proposal_chain, strict=True)
+    ]
     ref = {
         "features": {name: feats[k].numpy().transpose(0, 2, 3, 1) for k, name in LEVELS.items()},
         "objectness": [t.numpy().transpose(0, 2, 3, 1).reshape(len(x), -1) for t in objectness],
@@ -169,6 +218,9 @@ def runs(tv_model, converted):
         ],
         "proposals": [p.numpy() for p in proposals],
         "detections": [{k: v.numpy() for k, v in d.items()} for d in detections],
+        "proposal_chain": proposal_chain,
+        "proposal_logits": proposal_logits,
+        "detection_chain": detection_chain,
     }
 
     batch = {
@@ -195,16 +247,48 @@ def runs(tv_model, converted):
     return ref, out
 
 
-def _tol(boxes: np.ndarray) -> np.ndarray:
-    """Per-box coordinate tolerance [N, 1]: 1e-3 px + 1e-4 of the box's longer side."""
-    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    return (1e-3 + 1e-4 * side)[:, None]
+def _side(boxes: np.ndarray) -> np.ndarray:
+    """Longer side of each box [..., 4] -> [...]."""
+    return np.maximum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
 
 
-def _match(ref_boxes, boxes, ref_labels=None, labels=None) -> np.ndarray:
+def _source_side(boxes, candidates, candidate_side, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """`candidate_side` of the decoded candidate each reference box is a bitwise copy of.
+
+    Args:
+      boxes: [K, 4] torchvision output boxes.
+      candidates: [N, 4] decoded, clipped boxes (one per source box: anchor or proposal), or
+        [N, C, 4] per class, the class of box k being ``labels[k]``.
+      candidate_side: [N] the chain of sides ending at each source box.
+      labels: [K] int, with per-class candidates.
+
+    Returns (side [K], source index [K]); of several identical candidates (e.g. boxes clipped to
+    the whole image), the one with the largest side.
+    """
+    side, src = np.empty(len(boxes), np.float64), np.empty(len(boxes), np.int64)
+    for k, box in enumerate(boxes):
+        cand = candidates if labels is None else candidates[:, labels[k]]
+        same = np.where(np.all(cand == box, axis=-1))[0]
+        assert same.size, ("no decoded candidate is this box", k, box)
+        src[k] = same[np.argmax(candidate_side[same])]
+        side[k] = candidate_side[src[k]]
+    return side, src
+
+
+def _tol(chain: np.ndarray) -> np.ndarray:
+    """Per-box coordinate tolerance [N, 1]: 1e-3 px + 1e-4 of its decode chain's sides.
+
+    ``chain`` is the sum of the longer sides of the box and of the reference boxes it was decoded
+    from (see the module docstring): a delta error e moves a coordinate by at most about
+    ``e * (reference side + own side / 2)``, and e <= ~5e-5 is measured.
+    """
+    return (1e-3 + 1e-4 * chain)[:, None]
+
+
+def _match(ref_boxes, boxes, chain, ref_labels=None, labels=None) -> np.ndarray:
     """Index into `boxes` of each reference box (same label), asserting a one-to-one match."""
     diff = np.abs(ref_boxes[:, None, :] - boxes[None, :, :])  # [N, M, 4]
-    ok = np.all(diff <= _tol(ref_boxes)[:, None, :], axis=-1)
+    ok = np.all(diff <= _tol(chain)[:, None, :], axis=-1)
     if ref_labels is not None:
         ok &= ref_labels[:, None] == labels[None, :]
     score = np.where(ok, diff.max(-1), np.inf)
@@ -270,27 +354,45 @@ def _max_iou_with_higher(boxes: np.ndarray, j: int) -> float:
 def test_proposals_parity(runs):
     """Same proposals in the same order, up to near-ties.
 
-    A near-tie is an NMS decision at IoU ~= 0.7 (the random RPN makes many sub-pixel-wide boxes,
-    whose IoU is sensitive to 1e-6 relative coordinate differences) or the objectness cut at
-    1000; both sides then keep one different proposal. At most 0.5% may differ, each explained.
+    At most 0.5% may differ, each explained by one of:
+
+    * an NMS near-tie: its IoU with a higher-ranked box of the same list is within 0.02 of 0.7
+      (the random RPN makes many sub-pixel-wide boxes, whose IoU is sensitive to 1e-6 relative
+      coordinate differences: on an AMD EPYC a 0.26 x 320 px box has IoU 0.7017 with its
+      suppressor on torchvision's side, 0.6996 on ours, so only ours keeps it);
+    * the post-NMS cut at 1000: an entry in the last 1% that the other side pushed past its cut,
+      either by keeping one near-tie box more (at most as many such entries as the other side has
+      near-tie entries) or by an objectness tie: its logit is within twice the measured
+      objectness error of the other side's last logit.
     """
     ref, out = runs
     nms = _parity_config().model.rpn.nms_thresh
+    logit_tol = 2 * max(
+        np.abs(out["rpn"]["objectness"][lvl] - ref["objectness"][lvl]).max() for lvl in range(5)
+    )
     for i, want in enumerate(ref["proposals"]):
         n = int(out["proposal_valid"][i].sum())
         assert n == want.shape[0], (i, n, want.shape[0])
         assert out["proposal_valid"][i, :n].all() and not out["proposal_valid"][i, n:].any()
         got = out["proposals"][i, :n]
         diff = np.abs(want[:, None, :] - got[None, :, :]).max(-1)  # [N_ref, N_ours]
-        close = diff <= _tol(want)
-        for boxes, unmatched in (
-            (want, np.where(~close.any(1))[0]),
-            (got, np.where(~close.any(0))[0]),
-        ):
+        close = diff <= _tol(ref["proposal_chain"][i])
+        sides = [  # (boxes, their logits, unmatched entries) for torchvision, ours
+            (want, ref["proposal_logits"][i], np.where(~close.any(1))[0]),
+            (got, out["proposal_logits"][i, :n], np.where(~close.any(0))[0]),
+        ]
+        near_ties = [
+            [j for j in unmatched if abs(_max_iou_with_higher(boxes, j) - nms) < 0.02]
+            for boxes, _, unmatched in sides
+        ]
+        for s, (boxes, logits, unmatched) in enumerate(sides):
             assert unmatched.size <= n // 200, unmatched
-            for j in unmatched:
-                near_tie = abs(_max_iou_with_higher(boxes, j) - nms) < 0.02
-                assert near_tie or j >= n - n // 100, (i, j, boxes[j])
+            other_last_logit = sides[1 - s][1][-1]
+            pushed = [j for j in unmatched if j not in near_ties[s]]
+            for j in pushed:  # past the other side's cut
+                assert j >= n - n // 100, (i, s, j, boxes[j])
+            cut_ties = [j for j in pushed if abs(logits[j] - other_last_logit) <= logit_tol]
+            assert len(pushed) - len(cut_ties) <= len(near_ties[1 - s]), (i, s, pushed)
         matched = close.any(1)
         idx = np.where(close, diff, np.inf).argmin(1)[matched]
         assert len(set(idx.tolist())) == idx.size
@@ -310,7 +412,13 @@ def test_detections_and_masks_parity(runs):
         assert n == want["boxes"].shape[0], (i, n, want["boxes"].shape[0])
         assert out["valid"][i, :n].all() and not out["valid"][i, n:].any()
         labels = want["labels"] - 1  # torchvision label l (1..90) is our class l - 1
-        idx = _match(want["boxes"], out["boxes"][i, :n], labels, out["classes"][i, :n])
+        idx = _match(
+            want["boxes"],
+            out["boxes"][i, :n],
+            ref["detection_chain"][i],
+            labels,
+            out["classes"][i, :n],
+        )
         np.testing.assert_allclose(out["scores"][i, idx], want["scores"], atol=2e-4, rtol=0)
         # 28x28 probabilities: RoIAlign of slightly different boxes (see the box tolerance).
         mask_err = np.abs(out["masks"][i, idx] - want["masks"][:, 0])
