@@ -188,8 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
     e.every_steps = 0
     e.num_images = 0
     e.at_end = True
-    # Checkpoint kept as "best" by this metric of the first ordering in `orderings`.
-    e.best_metric = "PQ"
+    # Checkpoint kept as "best" by this metric, "<ordering>/<metric>" (higher is better): PQ of
+    # OANet's own, SRM-ordered fusion by default.
+    e.best_metric = "srm/PQ"
     # PQ statistics: 'host' (numpy, in memory; fastest on CPU) or 'device' (jitted matching on
     # the accelerator inside the evaluation step; needs image sizes in the panoptic JSON). Both
     # equal panopticapi's pq_compute.

@@ -7,9 +7,9 @@ Layout under the work directory::
     workdir/checkpoints/<step>/metadata/   a JSON item: step, data seed, data position (number of
                                            training batches consumed), global batch size, time
     workdir/checkpoints_corrupt/<step>/    checkpoints found unreadable at restore, moved aside
-    workdir/checkpoints_best/<step>/       the best checkpoint by an evaluation metric (PQ by
-                                           default), kept besides the last ``keep`` periodic ones;
-                                           its metadata holds the metric (``best_metric``,
+    workdir/checkpoints_best/<step>/       the best checkpoint by an evaluation metric (srm/PQ
+                                           by default), kept besides the last ``keep`` periodic
+                                           ones; its metadata holds the metric (``best_metric``,
                                            ``best_value``)
 
 Checkpoint ``<step>`` holds the state after ``step`` optimizer updates; a run resumed from it reads
@@ -192,7 +192,7 @@ class TrainCheckpointManager:
     @classmethod
     def best_from_config(cls, config: Any, workdir: str) -> TrainCheckpointManager:
         """The manager of ``workdir/checkpoints_best``: the single best checkpoint by
-        ``config.eval.best_metric`` (of the first ordering in ``config.eval.orderings``)."""
+        ``config.eval.best_metric`` (e.g. ``'srm/PQ'``)."""
         return cls(
             workdir,
             every_steps=0,

@@ -8,8 +8,8 @@ ground truth and the compiled inference across evaluations. Per evaluation:
 * ``workdir/eval_<step>/results.{json,md}`` (PQ per ordering, box/mask AP, stuff mIoU);
 * the scalars in the training's ``metrics.jsonl`` and TensorBoard events, tagged ``eval/...``
   (``eval/panoptic_srm/PQ``, ``eval/bbox/AP``, ...), at the training step;
-* the state is saved to ``workdir/checkpoints_best`` when ``config.eval.best_metric`` (PQ by
-  default) of the first ordering of ``config.eval.orderings`` beats the best so far (orbax
+* the state is saved to ``workdir/checkpoints_best`` when ``config.eval.best_metric``
+  (``'<ordering>/<metric>'``, ``'srm/PQ'`` by default) beats the best so far (orbax
   ``best_fn``; one checkpoint kept there, besides the periodic ones). `oanet-evaluate
   --checkpoint best` evaluates it.
 
@@ -41,7 +41,7 @@ class PeriodicEvaluation:
     """
 
     def __init__(self, config: Any, workdir: str, model: Any, writer: MetricWriter):
-        """Sets up from ``config.eval`` (every_steps, at_end, best_metric, orderings).
+        """Sets up from ``config.eval`` (every_steps, at_end, best_metric).
 
         Args:
           config: full config.
@@ -57,7 +57,12 @@ class PeriodicEvaluation:
         self.every = int(e.every_steps)
         self.at_end = bool(e.at_end)
         self.metric = str(e.best_metric)
-        self.ordering = str(tuple(e.orderings)[0])
+        self.ordering, _, self.key = self.metric.partition("/")
+        if self.ordering not in tuple(e.orderings) or not self.key:
+            raise ValueError(
+                f"eval.best_metric {self.metric!r} must be '<ordering>/<metric>' with an ordering "
+                f"of eval.orderings {tuple(e.orderings)}, e.g. 'srm/PQ'"
+            )
         self.enabled = self.every > 0 or self.at_end
         if self.enabled and jax.process_count() > 1:
             logging.warning(
@@ -102,7 +107,7 @@ class PeriodicEvaluation:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         results = evaluate_params(self.config, variables, step, self._dir(step), model=self.model)
         self.writer.write(step, {f"eval/{k}": v for k, v in result_scalars(results).items()})
-        value = float(results["panoptic"][self.ordering][self.metric])
+        value = float(results["panoptic"][self.ordering][self.key])
         saved = self.best_manager.save_if_best(step, state, metadata, value)
         best = self.best_manager.best() if not saved else (step, value)
         results["saved_best"] = saved

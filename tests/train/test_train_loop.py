@@ -340,13 +340,13 @@ def test_train_and_evaluate_evaluates_and_keeps_the_best(tmp_path, data_root):
     assert sorted(evals) == [2, 4]  # step 4 once: the final evaluation is the periodic one
     for m in evals.values():
         assert {"eval/panoptic_srm/PQ", "eval/bbox/AP", "eval/segm/AP", "eval/stuff/mIoU"} <= set(m)
-    # The best checkpoint: the first step with the highest PQ of the first ordering.
-    pq = {s: m["eval/panoptic_score/PQ"] for s, m in evals.items()}
+    # The best checkpoint: the first step with the highest PQ of the SRM ordering (srm/PQ).
+    pq = {s: m["eval/panoptic_srm/PQ"] for s, m in evals.items()}
     best = max(pq, key=lambda s: (pq[s], -s))
     assert ckpt_lib.steps_in(str(workdir)) == [3, 4]
     best_dir = workdir / ckpt_lib.BEST_DIR
     assert sorted(int(p.name) for p in best_dir.iterdir() if p.name.isdigit()) == [best]
-    assert result["eval"]["best"] == {"step": best, "value": pq[best], "metric": "PQ"}
+    assert result["eval"]["best"] == {"step": best, "value": pq[best], "metric": "srm/PQ"}
     _, step = ckpt_lib.restore_variables(str(workdir), best=True)
     assert step == best
     # A rerun of the finished job trains nothing and does not evaluate step 4 again.
