@@ -54,7 +54,12 @@ def _oanet_config(dtype: str):
     return cfg
 
 
-def _randomise_frozen_bn(model: torch.nn.Module, seed: int) -> None:
+def randomise_frozen_bn(model: torch.nn.Module, seed: int) -> None:
+    """Random FrozenBatchNorm2d statistics (torchvision's are identity at init), in place.
+
+    Scale in [0.5, 1.5), bias and mean ~ N(0, 0.2^2), variance in [0.5, 1.5), drawn in module
+    order from a generator seeded with `seed` (the parity test and the model benchmark share it).
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -111,7 +116,7 @@ def run(
     tv = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     tv = tv.eval()
     if randomise_bn:
-        _randomise_frozen_bn(tv.backbone, seed + 1)
+        randomise_frozen_bn(tv.backbone, seed + 1)
     tv.transform.min_size = (min(height, width),)
     tv.transform.max_size = max(height, width)
     state = {k: v.numpy() for k, v in tv.state_dict().items()}

@@ -61,6 +61,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers  # noq
 from torchvision.ops.boxes import clip_boxes_to_image  # noqa: E402
 
 from configs import base  # noqa: E402
+from oanet_jax.bench.model import randomise_frozen_bn  # noqa: E402
 from oanet_jax.convert import torchvision as convert  # noqa: E402
 from oanet_jax.modeling.build import build_model  # noqa: E402
 
@@ -112,15 +113,7 @@ def tv_model():
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None
     ).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.backbone.modules():
-            if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
-                c = m.weight.shape[0]
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    randomise_frozen_bn(model.backbone, seed=1)
     model.rpn.anchor_generator.cell_anchors = _unrounded_cell_anchors(model.rpn.anchor_generator)
     model.roi_heads.score_thresh = SCORE_THRESH
     assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES + 1
