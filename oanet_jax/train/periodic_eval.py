@@ -128,9 +128,7 @@ class PeriodicEvaluation:
             line += f"; stuff mIoU {results['stuff']['mIoU']:.1f}"
         best = results.get("best")
         if best:
-            line += (
-                f"; best {self.ordering} {best['metric']} {best['value']:.1f} (step {best['step']})"
-            )
+            line += f"; best {best['metric']} {best['value']:.1f} (step {best['step']})"
         return line
 
     def close(self) -> None:
