@@ -32,7 +32,7 @@ import numpy as np
 from oanet_jax.common.files import write_json
 from oanet_jax.data import transforms
 from oanet_jax.data.coco_panoptic import CategoryTable
-from oanet_jax.eval.ground_truth import PanopticGroundTruth
+from oanet_jax.eval.ground_truth import GroundTruthImage, PanopticGroundTruth
 from oanet_jax.panoptic import io as pan_io
 from oanet_jax.panoptic import pq as pq_lib
 from oanet_jax.panoptic import pq_device
@@ -275,6 +275,24 @@ class DevicePQ:
         table = ground_truth.table
         self._to_contiguous = {int(d): c for c, d in enumerate(table.dataset_ids)}
         self._num_classes = len(table.dataset_ids)
+        self._tables: dict[int, dict[str, np.ndarray]] = {}
+
+    def _table(self, image: GroundTruthImage) -> dict[str, np.ndarray]:
+        """The padded segment table of one image ('category', 'iscrowd', 'area', 'valid' [G]),
+        computed on first use (`pq_device.ground_truth_to_device`) and cached: a few bytes per
+        image, so later evaluations only copy index maps."""
+        table = self._tables.get(image.image_id)
+        if table is None:
+            arrays = pq_device.ground_truth_to_device(
+                image.index_map,
+                image.segments_info,
+                self._to_contiguous,
+                self.max_segments,
+                image=f"image {image.image_id} ({image.file_name})",
+            )
+            table = {k: arrays[k] for k in ("category", "iscrowd", "area", "valid")}
+            self._tables[image.image_id] = table
+        return table
 
     def batch_arrays(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The ground-truth entries of `keys` for one host batch (padding examples: all void).
@@ -298,16 +316,19 @@ class DevicePQ:
         }
         for i in np.flatnonzero(np.asarray(batch["example_valid"], bool)):
             image = self.gt.image(int(batch["image_id"][i]))
-            arrays = pq_device.ground_truth_to_device(
-                image.index_map,
-                image.segments_info,
-                self._to_contiguous,
-                g,
-                self.canvas,
-                image=f"image {image.image_id} ({image.file_name})",
-            )
-            for key in ("index_map", "category", "iscrowd", "area", "valid"):
-                out[f"gt_{key}"][i] = arrays[key]
+            for key, value in self._table(image).items():
+                out[f"gt_{key}"][i] = value
+            # The cached index map already numbers segments 1..n (unlisted PNG ids n + 1): only
+            # the unlisted value moves to G + 1, the device's convention.
+            h, w = image.shape
+            if h > self.canvas[0] or w > self.canvas[1]:
+                raise pq_lib.PanopticFormatError(
+                    f"image {image.image_id} ({image.file_name}): ground-truth PNG {h}x{w} is "
+                    f"larger than the JSON's largest image {self.canvas[0]}x{self.canvas[1]}"
+                )
+            window = out["gt_index_map"][i, :h, :w]
+            window[...] = image.index_map
+            window[image.index_map == len(image.segments_info) + 1] = g + 1
         return out
 
     def postprocess(

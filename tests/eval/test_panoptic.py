@@ -187,3 +187,42 @@ def test_panoptic_evaluator_in_memory_equals_files(coco_gt, tmp_path):
     semantic.process(inputs, {"stuff_labels": np.full((3, *PADDED), -1, np.int32)})
     assert semantic.evaluate()["stuff"]["mIoU"] == 0.0
     assert gt.decode_count == 2
+
+
+def test_device_pq_inputs_equal_ground_truth_to_device(coco_gt, tmp_path):
+    """`DevicePQ.batch_arrays` (cached index maps + cached tables) == converting the raw PNGs,
+    also for a PNG id the JSON does not list (neither void nor a segment: index G + 1)."""
+    from oanet_jax.eval.panoptic import DevicePQ
+    from oanet_jax.panoptic import pq_device
+
+    data, gt_json = coco_gt
+    gt_json = json.loads(json.dumps(gt_json))
+    dropped = gt_json["annotations"][0]["segments_info"].pop(0)  # its pixels become unlisted
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps(gt_json))
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.eval.panoptic_json = str(gt_file)
+    gt = gt_lib.load_panoptic_ground_truth(data)
+    dev = DevicePQ(gt, ("srm",))
+    annotations = gt_json["annotations"]
+    batch = {
+        "image_id": np.asarray([a["image_id"] for a in annotations] + [-1]),
+        "example_valid": np.asarray([True] * len(annotations) + [False]),
+        "orig_shape": np.zeros((len(annotations) + 1, 2), np.int32),
+    }
+    to_contiguous = {int(d): c for c, d in enumerate(gt.table.dataset_ids)}
+    for _ in range(2):  # the second call uses the cached tables
+        arrays = dev.batch_arrays(batch)
+        for i, ann in enumerate(annotations):
+            raw = pan_io.read_panoptic_png(f"{gt.folder}/{ann['file_name']}")
+            want = pq_device.ground_truth_to_device(
+                raw, ann["segments_info"], to_contiguous, dev.max_segments, dev.canvas
+            )
+            for key, value in want.items():
+                np.testing.assert_array_equal(arrays[f"gt_{key}"][i], value, err_msg=key)
+        assert not arrays["gt_index_map"][-1].any() and not arrays["gt_valid"][-1].any()
+    raw = pan_io.read_panoptic_png(f"{gt.folder}/{annotations[0]['file_name']}")
+    assert (
+        arrays["gt_index_map"][0][: raw.shape[0], : raw.shape[1]][raw == dropped["id"]]
+        == dev.max_segments + 1
+    ).all()
