@@ -9,8 +9,9 @@ false positives), written as COCO panoptic PNG + JSON. Timed, each on the same i
   there, once.
 * ``file``: `oanet_jax.panoptic.pq.pq_compute` on the same files (reads every PNG; threads).
 * ``in_memory``: `pq.evaluate_id_maps` on id maps already in memory (ground truth decoded once
-  beforehand, as evaluation during training keeps it; predictions as the merge hands them over,
-  after the resize to the original size). Includes the joint histograms, the matching, the
+  beforehand into the compact index maps that evaluation caches, `eval.ground_truth.decode_image`;
+  predictions int32 id maps as the merge hands them over, after the resize to the original
+  size), serial as evaluation runs it. Includes the joint histograms, the matching, the
   accumulation and the summary; no PNG decoding.
 * ``device``: `panoptic.pq_device.pq_stats` (jitted; here on whatever backend JAX uses, CPU in CI)
   over batches already on the device (ground truth converted once with
@@ -37,6 +38,7 @@ import numpy as np
 from oanet_jax.bench.timing import time_fn
 from oanet_jax.data import synthetic
 from oanet_jax.data.coco_panoptic import CategoryTable
+from oanet_jax.eval import ground_truth
 from oanet_jax.panoptic import io as pio
 from oanet_jax.panoptic import pq, pq_device
 
@@ -97,13 +99,16 @@ def _prepare(data_dir: str, num_images: int, size: tuple[int, int], seed: int) -
     pred_folder = os.path.join(data_dir, "pred")
     cat_ids = [c["id"] for c in gt["categories"]]
     rng = np.random.default_rng(seed + 1)
-    annotations, gt_items, pred_items = [], [], []
+    table = CategoryTable.from_categories(gt["categories"])
+    annotations, gt_items, gt_cached, pred_items = [], [], [], []
     for ann in gt["annotations"]:
         gt_map = pio.read_panoptic_png(os.path.join(gt_folder, ann["file_name"]))
         pred_map, segs = _perturb(gt_map, ann["segments_info"], cat_ids, rng)
         segs = pio.write_prediction(pred_folder, ann["file_name"], pred_map, segs)
         annotations.append(pio.segments_to_coco_annotation(ann["image_id"], ann["file_name"], segs))
         gt_items.append((gt_map, ann["segments_info"]))
+        cached = ground_truth.decode_image(ann, gt_folder, table)  # evaluation's cached form
+        gt_cached.append((cached.index_map, cached.segments_info))
         pred_items.append((pred_map, segs))
     pred_json_file = os.path.join(data_dir, "pred.json")
     pio.write_predictions_json(pred_json_file, annotations, gt["categories"])
@@ -114,6 +119,7 @@ def _prepare(data_dir: str, num_images: int, size: tuple[int, int], seed: int) -
         "pred_folder": pred_folder,
         "categories": gt["categories"],
         "gt_items": gt_items,
+        "gt_cached": gt_cached,
         "pred_items": pred_items,
     }
 
@@ -241,7 +247,9 @@ def run(
             out["file"] = pq.pq_compute(*files.values())
 
         def in_memory() -> None:
-            out["in_memory"] = pq.evaluate_id_maps(data["gt_items"], data["pred_items"], categories)
+            out["in_memory"] = pq.evaluate_id_maps(
+                data["gt_cached"], data["pred_items"], categories
+            )
 
         batches, max_gt, max_pred = _device_batches(data, table, batch_size)
 

@@ -171,7 +171,9 @@ class PanopticEvaluator:
                         f"{id_map.shape}, the ground-truth PNG {gt.shape} (orig_shape mismatch)"
                     )
                 if o not in on_device:
-                    pairs = pq_lib.pair_counts(gt.index_map, id_map)
+                    pairs = pq_lib.pair_counts(
+                        gt.index_map, id_map, pred_candidates=pq_lib.segment_ids(segs)
+                    )
                     name = f"image {image_id} ({gt.file_name}), ordering {o}"
                     self._stats[o].add(
                         pq_lib.match_image(

@@ -448,6 +448,37 @@ def test_pair_counts_against_loop():
         pq.pair_counts(gt - 1, pred)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_counts_dense_and_sorted_paths_agree(seed):
+    """Dense bincount (small ids or candidate hints) and run-key sort give the same histogram."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 40)), int(rng.integers(1, 50)))
+    small_gt = rng.integers(0, 6, shape)
+    small_pred = np.repeat(rng.integers(0, 9, (shape[0], shape[1] // 3 + 1)), 3, axis=1)
+    small_pred = small_pred[:, : shape[1]]
+    big_gt = small_gt * 1_000_003  # RGB-sized ids: the sort path unless hinted
+    loop: dict[tuple[int, int], int] = {}
+    for a, b in zip(big_gt.ravel().tolist(), small_pred.ravel().tolist(), strict=True):
+        loop[(a, b)] = loop.get((a, b), 0) + 1
+    expected = [np.array(v) for v in zip(*sorted((*k, n) for k, n in loop.items()), strict=True)]
+    all_ids = sorted({int(v) for v in big_gt.ravel()})
+    for kwargs in (
+        {},  # sort path (large gt ids)
+        {"gt_candidates": all_ids},  # dense via the hint
+        {"gt_candidates": [0, *all_ids[1:-1]]},  # hint missing an id: still exact
+        {"gt_candidates": [-5, 7]},  # invalid hint: ignored
+        {"gt_candidates": [], "pred_candidates": range(9)},
+    ):
+        got = pq.pair_counts(big_gt, small_pred, **kwargs)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == np.int64 and np.array_equal(a, b), kwargs
+    small = pq.pair_counts(small_gt, small_pred)  # both small: dense without hints
+    assert np.array_equal(small[0] * 1_000_003, expected[0])
+    assert np.array_equal(small[2], expected[2])
+    with pytest.raises(ValueError, match="ids must be in"):
+        pq.pair_counts(small_gt - 1, small_pred, gt_candidates=[-1, 0, 1, 2, 3, 4])
+
+
 def test_threshold_void_and_crowd_rules_by_hand(tmp_path):
     """Hand-made cases at the exact boundaries (IoU = 0.5, ignored fraction = 0.5)."""
     cats = [
