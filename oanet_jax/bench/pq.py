@@ -10,9 +10,9 @@ false positives), written as COCO panoptic PNG + JSON. Timed, each on the same i
 * ``file``: `oanet_jax.panoptic.pq.pq_compute` on the same files (reads every PNG; threads).
 * ``in_memory``: `pq.evaluate_id_maps` on id maps already in memory (ground truth decoded once
   beforehand into the compact index maps that evaluation caches, `eval.ground_truth.decode_image`;
-  predictions int32 id maps as the merge hands them over, after the resize to the original
-  size), serial as evaluation runs it. Includes the joint histograms, the matching, the
-  accumulation and the summary; no PNG decoding.
+  predictions as the jitted inference ships them, in `panoptic.io.smallest_id_dtype` (uint8),
+  after the resize to the original size), serial as evaluation runs it. Includes the joint
+  histograms, the matching, the accumulation and the summary; no PNG decoding.
 * ``device``: `panoptic.pq_device.pq_stats` (jitted; here on whatever backend JAX uses, CPU in CI)
   over batches already on the device (ground truth converted once with
   `pq_device.ground_truth_to_device`; predictions are id maps with the merge's numbering), plus
@@ -121,6 +121,8 @@ def _prepare(data_dir: str, num_images: int, size: tuple[int, int], seed: int) -
         "gt_items": gt_items,
         "gt_cached": gt_cached,
         "pred_items": pred_items,
+        # As the jitted inference ships them: the smallest dtype holding the ids (uint8 here).
+        "pred_shipped": [(m.astype(pio.smallest_id_dtype(int(m.max()))), s) for m, s in pred_items],
     }
 
 
@@ -248,7 +250,7 @@ def run(
 
         def in_memory() -> None:
             out["in_memory"] = pq.evaluate_id_maps(
-                data["gt_cached"], data["pred_items"], categories
+                data["gt_cached"], data["pred_shipped"], categories
             )
 
         batches, max_gt, max_pred = _device_batches(data, table, batch_size)

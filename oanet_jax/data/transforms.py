@@ -268,7 +268,8 @@ def label_map_to_original(
       orig_shape: (H, W) of the original image.
 
     Returns:
-      int32 [H, W]: pixel (y, x) reads ``label_map[nearest(y), nearest(x)]`` of the (h, w) crop.
+      [H, W] of `label_map`'s dtype: pixel (y, x) reads ``label_map[nearest(y), nearest(x)]`` of
+      the (h, w) crop.
 
     Raises:
       ValueError: `label_map` is not 2-D, or the shapes do not fit.
@@ -279,7 +280,7 @@ def label_map_to_original(
     h, w, big_h, big_w = _shapes(image_shape, orig_shape, label_map.shape)
     rows = nearest_indices(h, big_h)
     cols = nearest_indices(w, big_w)
-    return label_map[:h, :w][rows[:, None], cols[None, :]].astype(np.int32)
+    return label_map[:h, :w][rows[:, None], cols[None, :]]
 
 
 def crop_and_resize_to_original(
@@ -301,7 +302,8 @@ def crop_and_resize_to_original(
         the cropped map must have an entry.
 
     Returns:
-      (id_map [H, W] int32, segments_info): the surviving segments, in input order, as new dicts
+      (id_map [H, W] of `id_map`'s dtype, segments_info): the surviving segments, in input order,
+      as new dicts
       with ``area`` and ``bbox`` [x, y, w, h] recomputed.
 
     Raises:
@@ -362,8 +364,8 @@ def prediction_to_original(
       table: the category table.
 
     Returns:
-      (id_map [H, W] int32, segments_info with 'area' and 'bbox' recomputed; segments that vanish
-      in the resize are dropped).
+      (id_map [H, W] of `id_map`'s dtype, segments_info with 'area' and 'bbox' recomputed;
+      segments that vanish in the resize are dropped).
     """
     return crop_and_resize_to_original(
         id_map, image_shape, orig_shape, segments_info_from_arrays(segments, table)
@@ -383,7 +385,7 @@ def stuff_prediction_to_original(
     Returns:
       [H, W] int32, the same pixel-centre nearest rule as the panoptic id map.
     """
-    return label_map_to_original(stuff_labels, image_shape, orig_shape)
+    return label_map_to_original(stuff_labels, image_shape, orig_shape).astype(np.int32)
 
 
 def boxes_to_original(

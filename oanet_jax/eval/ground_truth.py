@@ -174,9 +174,9 @@ class GroundTruthImage:
     Attributes:
       image_id: the image id.
       file_name: its PNG file name.
-      index_map: [H, W] uint8 / uint16 / int32: 0 = void, k in 1..n = ``segments_info[k - 1]``,
-        n + 1 = ids of the PNG that the JSON does not list (neither void nor a segment, ignored
-        by PQ as panopticapi ignores them).
+      index_map: [H, W] uint8 / uint16 / uint32 (`pan_io.smallest_id_dtype`): 0 = void, k in
+        1..n = ``segments_info[k - 1]``, n + 1 = ids of the PNG that the JSON does not list
+        (neither void nor a segment, ignored by PQ as panopticapi ignores them).
       segments_info: the n distinct segments (panopticapi's last-duplicate-wins), each a copy of
         the JSON entry with ``id`` = its index k and ``source_id`` = the id of the PNG.
       semantic_lut: uint8 [n + 2] contiguous category of each index (255 for void/unknown).
@@ -204,14 +204,6 @@ class GroundTruthImage:
         return int(self.index_map.nbytes)
 
 
-def _index_dtype(n: int) -> type:
-    if n + 1 <= np.iinfo(np.uint8).max:
-        return np.uint8
-    if n + 1 <= np.iinfo(np.uint16).max:
-        return np.uint16
-    return np.int32
-
-
 def decode_image(
     annotation: Mapping[str, Any], folder: str, table: CategoryTable
 ) -> GroundTruthImage:
@@ -237,7 +229,7 @@ def decode_image(
     by_id = {int(s["id"]): s for s in annotation["segments_info"]}
     ids = np.fromiter(by_id, np.int64, len(by_id))
     n = ids.size
-    index = np.full(id_map.shape, n + 1, _index_dtype(n))
+    index = np.full(id_map.shape, n + 1, pan_io.smallest_id_dtype(n + 1))
     index[id_map == 0] = VOID_INDEX
     if n:
         order = np.argsort(ids)

@@ -32,6 +32,7 @@ __all__ = [
     "rgb_to_id",
     "segment_areas_and_boxes",
     "segments_to_coco_annotation",
+    "smallest_id_dtype",
     "write_prediction",
     "write_predictions_json",
 ]
@@ -48,6 +49,18 @@ class PanopticFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- id <-> RGB
+
+
+def smallest_id_dtype(max_id: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds ids 0..max_id (uint8, uint16 or uint32).
+
+    Id maps are kept and shipped in it (the merge's maps leave the device in it; cached
+    ground-truth index maps are stored in it): a quarter of the bytes of int32 for COCO.
+    """
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_id <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"ids up to {max_id} do not fit in 32 bits")
 
 
 def id_map_to_rgb(id_map: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ def test_crop_and_resize_to_original(orig_shape, image_shape, pad_shape):
     segs = [{"id": int(i), "category_id": 3, "area": -1} for i in np.unique(resized) if i]
     segs.append({"id": 777, "category_id": 3})
     out, cleaned = transforms.crop_and_resize_to_original(padded, image_shape, orig_shape, segs)
-    assert out.dtype == np.int32 and out.shape == orig_shape
+    assert out.dtype == padded.dtype and out.shape == orig_shape  # the input's dtype is kept
     # Reference: exact-fraction nearest rule, src = floor((dst + 1/2) * in / out), by loops.
     ref = np.zeros(orig_shape, np.int64)
     for y in range(orig_shape[0]):
