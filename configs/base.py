@@ -181,7 +181,16 @@ def get_config() -> ml_collections.ConfigDict:
     e = c.eval = ml_collections.ConfigDict()
     e.batch_size = 8
     e.overlap_threshold = 0.5
+    # Stuff areas under this many pixels are left void (paper 4.2), counted per stuff class
+    # ('class', detectron2) or per 4-connected region of a class ('region', the paper's wording),
+    # in pixels of the original image ('original', scaled to the merge resolution on device) or
+    # of the padded merge resolution ('merge').
     e.stuff_area_limit = 4900
+    e.stuff_area_unit = "class"
+    e.stuff_area_pixels = "original"
+    # Pixels the stuff branch's argmax over all classes gives to a thing class but no kept
+    # instance covers: the best stuff class ('stuff') or void ('void', Panoptic FPN).
+    e.thing_pixels = "stuff"
     e.orderings = ("score", "srm")
     # Evaluation during training: every this many steps (0 = only at the end of training when
     # `at_end`), on the first `num_images` images of the eval split (0 = all of it).

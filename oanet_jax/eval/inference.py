@@ -3,7 +3,11 @@
 Per batch, on device and with static shapes: the inference forward pass, the stuff argmax over
 the STUFF channels of the bilinearly upsampled stuff logits (`panoptic.merge.stuff_labels`),
 computed once and shared by the merge of every ordering ('score': detection score, the heuristic
-baseline; 'srm': the spatial ranking module's Eq. 3 score, OANet) and by the stuff mIoU.
+baseline; 'srm': the spatial ranking module's Eq. 3 score, OANet) and by the stuff mIoU. The merge
+options come from ``config.eval`` (``thing_pixels``: with 'void' the pixels whose argmax over all
+classes is a thing are -2 in the shared map, void in the merge and no stuff prediction for the
+mIoU; ``stuff_area_limit`` per ``stuff_area_unit``, in ``stuff_area_pixels``: 'original' sends
+'orig_shape' to the device with the batch).
 The batch is split over ``gcd(batch, local devices)`` local devices of a 1-D 'data' mesh.
 """
 
@@ -20,7 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from oanet_jax.panoptic import io as pan_io
 from oanet_jax.panoptic.merge import ORDERINGS, merge_panoptic, order_keys, stuff_labels
 
-__all__ = ["InferenceFn", "eval_mesh", "make_inference_fn"]
+__all__ = ["STUFF_AREA_PIXELS", "InferenceFn", "eval_mesh", "make_inference_fn"]
+
+STUFF_AREA_PIXELS = ("original", "merge")  # config.eval.stuff_area_pixels
 
 # ``postprocess(outputs, batch) -> extra outputs``, traced inside the jitted call.
 Postprocess = Callable[[dict[str, Any], Mapping[str, jax.Array]], Mapping[str, Any]]
@@ -112,7 +118,8 @@ def make_inference_fn(
         contiguous thing ids, 'valid' [B, D] bool, 'masks' [B, D, 28, 28] float32 box-frame
         probabilities, 'srm_scores' [B, D];
         'stuff_labels' [B, Hp, Wp] int32: argmax stuff index 0..S-1 (contiguous class T + s) of
-        the bilinearly upsampled stuff logits, -1 outside ``image_shape`` (shared by the merges);
+        the bilinearly upsampled stuff logits, -1 outside ``image_shape``, -2 on thing pixels
+        with ``eval.thing_pixels='void'`` (shared by the merges);
         'panoptic': {ordering: merge_panoptic's dict ('id_map' [B, Hp, Wp] in the smallest unsigned
         dtype holding its ids, `pan_io.smallest_id_dtype`; 'segments')};
         plus the entries of `postprocess`.
@@ -134,7 +141,16 @@ def make_inference_fn(
         overlap_threshold=float(e.overlap_threshold),
         instance_score_thresh=float(config.model.test.instance_score_thresh),
         stuff_area_limit=int(e.stuff_area_limit),
+        stuff_area_unit=str(e.stuff_area_unit),
+        thing_pixels=str(e.thing_pixels),
     )
+    if e.stuff_area_pixels not in STUFF_AREA_PIXELS:
+        raise ValueError(
+            f"eval.stuff_area_pixels must be one of {STUFF_AREA_PIXELS}: {e.stuff_area_pixels!r}"
+        )
+    original_areas = e.stuff_area_pixels == "original"
+    if original_areas and "orig_shape" not in batch_keys:
+        batch_keys = (*batch_keys, "orig_shape")
 
     def infer(variables: Any, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
         out = model.apply(
@@ -149,6 +165,7 @@ def make_inference_fn(
             image_size=image_size,
             num_thing_classes=num_things,
             stride=stride,
+            thing_pixels=merge_kwargs["thing_pixels"],
         )
         panoptic = {
             ordering: merge_panoptic(
@@ -162,6 +179,7 @@ def make_inference_fn(
                 image_shape,
                 stuff_stride=stride,
                 stuff_label_map=semantic,
+                orig_shape=batch["orig_shape"] if original_areas else None,
                 **merge_kwargs,
             )
             for ordering in orderings

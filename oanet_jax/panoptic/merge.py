@@ -15,8 +15,15 @@ pixels removed.
    assigned; otherwise its still-free pixels get its segment id.
 3. Stuff: the logits are upsampled bilinearly (``align_corners=False``, scale factor
    ``stuff_stride``, as ``F.interpolate(scale_factor=stride)``) to the padded image size and the
-   argmax is taken over the stuff classes only. For each stuff class, its still-free pixels form
-   one segment when they number at least ``stuff_area_limit``; otherwise they stay void.
+   argmax is taken over the stuff classes only. ``thing_pixels='void'`` (Panoptic FPN) leaves void
+   the pixels where the argmax over ALL classes is a thing class (first maximum: a tie goes to the
+   thing); ``'stuff'`` gives them the best stuff class. The still-free pixels of each stuff class
+   form its segment, without the small areas: with ``stuff_area_unit='class'`` (detectron2) a
+   class whose free pixels number fewer than ``stuff_area_limit`` is left void; with ``'region'``
+   (the paper's wording, section 4.2) each 4-connected region of a class
+   (`oanet_jax.ops.components`) smaller than the limit is left void. Areas are counted in
+   original-image pixels when ``orig_shape`` is given (a merge pixel counts ``H * W / (h * w)``),
+   else in merge pixels.
 4. Pixels outside ``image_shape`` are void (id 0).
 
 Unlike TF Model Garden's panoptic merge, nothing here has a data-dependent shape: the instances are
@@ -40,10 +47,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from oanet_jax.ops.components import component_sizes, connected_components
 from oanet_jax.ops.masks import paste_masks
 from oanet_jax.ops.resize import upsample_bilinear_rows
 
 ORDERINGS = ("score", "srm")
+THING_PIXELS = ("stuff", "void")
+STUFF_AREA_UNITS = ("class", "region")
+
+
+def _check_options(thing_pixels: str, stuff_area_unit: str) -> None:
+    if thing_pixels not in THING_PIXELS:
+        raise ValueError(f"thing_pixels must be one of {THING_PIXELS}, got {thing_pixels!r}")
+    if stuff_area_unit not in STUFF_AREA_UNITS:
+        raise ValueError(
+            f"stuff_area_unit must be one of {STUFF_AREA_UNITS}, got {stuff_area_unit!r}"
+        )
 
 
 def order_keys(det_scores: jax.Array, srm_scores: jax.Array, ordering: str) -> jax.Array:
@@ -86,6 +105,9 @@ def merge_panoptic(
     stuff_stride: int = 4,
     row_block: int = 64,
     stuff_label_map: jax.Array | None = None,
+    orig_shape: jax.Array | None = None,
+    thing_pixels: str = "stuff",
+    stuff_area_unit: str = "class",
 ) -> dict:
     """Merges instance and stuff predictions into a panoptic id map and a segment table.
 
@@ -108,7 +130,8 @@ def merge_panoptic(
         overlap_threshold: static; an instance is dropped when more than this fraction of its
             mask is already assigned (computed as float32 ``intersect / area``).
         instance_score_thresh: static; instances with a detection score below it are skipped.
-        stuff_area_limit: static; stuff segments with fewer (free) pixels are left void.
+        stuff_area_limit: static; stuff classes (or regions) with fewer free pixels are left
+            void (pixels of the original image when `orig_shape` is given).
         stuff_stride: static int upsampling factor of ``stuff_logits``.
         row_block: static number of output rows upsampled at once (memory knob, exact;
             rounded up to a multiple of ``stuff_stride``).
@@ -116,7 +139,12 @@ def merge_panoptic(
             ``stuff_logits``, ``image_shape``, ``image_size``, ``num_thing_classes`` and
             ``stuff_stride``. When given, the merge uses it instead of recomputing the stuff
             argmax (so several orderings merged in one jitted call share one argmax); the result
-            is identical. ``stuff_logits`` then only supplies the number of classes.
+            is identical. ``stuff_logits`` then only supplies the number of classes. It must
+            have been computed with the same ``thing_pixels``.
+        orig_shape: optional [B, 2] int (H, W) of the original images: stuff areas are then
+            counted in original pixels (scaled by ``H * W / (h * w)``), else in merge pixels.
+        thing_pixels: static 'stuff' or 'void' (see the module docstring, step 3).
+        stuff_area_unit: static 'class' or 'region' (see the module docstring, step 3).
 
     Returns:
         dict with
@@ -134,6 +162,7 @@ def merge_panoptic(
         raise ValueError(f"det_masks must be [B, D, M, M], got shape {det_masks.shape}")
     if stuff_logits.ndim != 4:
         raise ValueError(f"stuff_logits must be [B, h, w, K], got shape {stuff_logits.shape}")
+    _check_options(thing_pixels, stuff_area_unit)
     if stuff_logits.shape[-1] < num_thing_classes:
         raise ValueError(
             f"stuff_logits has {stuff_logits.shape[-1]} classes, fewer than the "
@@ -157,6 +186,9 @@ def merge_panoptic(
         stuff_stride=int(stuff_stride),
         row_block=int(row_block),
         stuff_label_map=None if stuff_label_map is None else jnp.asarray(stuff_label_map),
+        orig_shape=None if orig_shape is None else jnp.asarray(orig_shape),
+        thing_pixels=thing_pixels,
+        stuff_area_unit=stuff_area_unit,
     )
 
 
@@ -171,6 +203,8 @@ def merge_panoptic(
         "stuff_area_limit",
         "stuff_stride",
         "row_block",
+        "thing_pixels",
+        "stuff_area_unit",
     ),
 )
 def _merge_panoptic(
@@ -192,6 +226,9 @@ def _merge_panoptic(
     stuff_stride: int,
     row_block: int,
     stuff_label_map: jax.Array | None,
+    orig_shape: jax.Array | None,
+    thing_pixels: str,
+    stuff_area_unit: str,
 ) -> dict:
     """Jitted body of :func:`merge_panoptic` (same arguments)."""
     merge_one = functools.partial(
@@ -204,7 +241,16 @@ def _merge_panoptic(
         stuff_area_limit=stuff_area_limit,
         stuff_stride=stuff_stride,
         row_block=row_block,
+        thing_pixels=thing_pixels,
+        stuff_area_unit=stuff_area_unit,
     )
+    image_shape = image_shape.astype(jnp.int32)
+    if orig_shape is None:
+        area_scale = jnp.ones(image_shape.shape[:1], jnp.float32)
+    else:  # one merge pixel stands for H * W / (h * w) original pixels
+        orig = orig_shape.astype(jnp.float32)
+        resized = jnp.maximum(image_shape, 1).astype(jnp.float32)
+        area_scale = (orig[:, 0] * orig[:, 1]) / (resized[:, 0] * resized[:, 1])
     if stuff_label_map is None:
         # Computed per image inside the vmap from the logits.
         label_map = jnp.zeros((det_masks.shape[0], 0, 0), jnp.int32)
@@ -218,8 +264,9 @@ def _merge_panoptic(
         det_valid.astype(bool),
         order_key.astype(jnp.float32),
         stuff_logits.astype(jnp.float32),
-        image_shape.astype(jnp.int32),
+        image_shape,
         label_map,
+        area_scale,
     )
 
 
@@ -233,6 +280,7 @@ def _merge_one(
     logits: jax.Array,
     shape: jax.Array,
     label_map: jax.Array,
+    area_scale: jax.Array,
     *,
     image_size: tuple[int, int],
     num_thing_classes: int,
@@ -242,10 +290,13 @@ def _merge_one(
     stuff_area_limit: int,
     stuff_stride: int,
     row_block: int,
+    thing_pixels: str,
+    stuff_area_unit: str,
 ) -> dict:
     """Merge for one image: masks [D, M, M], boxes [D, 4], classes/scores/valid/key [D],
     logits [h, w, K], shape [2], label_map [Hp, Wp] stuff indices (or [0, 0]: computed here from
-    the logits); returns the per-image version of :func:`merge_panoptic`'s dict."""
+    the logits), area_scale [] original pixels per merge pixel; returns the per-image version of
+    :func:`merge_panoptic`'s dict."""
     height, width = image_size
     num_det = masks.shape[0]
     num_stuff = logits.shape[-1] - num_thing_classes
@@ -278,18 +329,21 @@ def _merge_one(
     inst_area = jnp.zeros((num_det,), jnp.int32).at[order].set(sorted_area)
 
     if num_stuff > 0:
-        if label_map.size:
-            labels = jnp.maximum(label_map, 0)  # -1 outside the image; those pixels are not free
-        else:
-            labels = _stuff_labels(
-                logits[..., num_thing_classes:], image_size, stuff_stride, row_block
+        if not label_map.size:
+            label_map = _stuff_labels(
+                logits, image_size, stuff_stride, row_block, num_thing_classes, thing_pixels
             )
-        free = (id_map == 0) & inside
-        counts = jnp.zeros((num_stuff,), jnp.int32).at[labels.ravel()].add(free.ravel())
-        stuff_keep = counts >= stuff_area_limit
-        assign = free & stuff_keep[labels]
+        # -1 outside the image, -2 on thing pixels ('void'): those pixels are not free.
+        free = (id_map == 0) & inside & (label_map >= 0)
+        labels = jnp.maximum(label_map, 0)
+        if stuff_area_unit == "class":
+            counts = jnp.zeros((num_stuff,), jnp.int32).at[labels.ravel()].add(free.ravel())
+            assign = free & (counts.astype(jnp.float32) * area_scale >= stuff_area_limit)[labels]
+        else:
+            sizes = component_sizes(connected_components(labels, free))
+            assign = free & (sizes.astype(jnp.float32) * area_scale >= stuff_area_limit)
         id_map = jnp.where(assign, num_det + 1 + labels, id_map)
-        stuff_area = jnp.where(stuff_keep, counts, 0)
+        stuff_area = jnp.zeros((num_stuff,), jnp.int32).at[labels.ravel()].add(assign.ravel())
     else:
         stuff_area = jnp.zeros((0,), jnp.int32)
 
@@ -307,7 +361,8 @@ def _merge_one(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("image_size", "num_thing_classes", "stride", "row_block")
+    jax.jit,
+    static_argnames=("image_size", "num_thing_classes", "stride", "row_block", "thing_pixels"),
 )
 def stuff_labels(
     stuff_logits: jax.Array,
@@ -317,6 +372,7 @@ def stuff_labels(
     num_thing_classes: int,
     stride: int = 4,
     row_block: int = 64,
+    thing_pixels: str = "stuff",
 ) -> jax.Array:
     """The stuff prediction the merge uses: argmax over stuff classes after upsampling.
 
@@ -328,14 +384,20 @@ def stuff_labels(
         stride: static upsampling factor of the logits.
         row_block: static output rows per ``lax.map`` step (memory only; rounded up to a
             multiple of ``stride``).
+        thing_pixels: static 'stuff' (argmax over the stuff classes everywhere) or 'void'
+            (-2 where the argmax over all classes is a thing class).
 
     Returns:
-        [B, Hp, Wp] int32 stuff index in ``0..S-1`` (class T + index), -1 outside the image.
+        [B, Hp, Wp] int32 stuff index in ``0..S-1`` (class T + index), -1 outside the image,
+        -2 on thing pixels with ``thing_pixels='void'``.
     """
+    _check_options(thing_pixels, "class")
     height, width = image_size
 
     def one(logits: jax.Array, shape: jax.Array) -> jax.Array:
-        labels = _stuff_labels(logits[..., num_thing_classes:], image_size, stride, row_block)
+        labels = _stuff_labels(
+            logits, image_size, stride, row_block, num_thing_classes, thing_pixels
+        )
         inside = (jnp.arange(height)[:, None] < shape[0]) & (jnp.arange(width)[None, :] < shape[1])
         return jnp.where(inside, labels, -1)
 
@@ -343,20 +405,30 @@ def stuff_labels(
 
 
 def _stuff_labels(
-    logits: jax.Array, image_size: tuple[int, int], stride: int, row_block: int
+    logits: jax.Array,
+    image_size: tuple[int, int],
+    stride: int,
+    row_block: int,
+    num_thing_classes: int,
+    thing_pixels: str,
 ) -> jax.Array:
     """Argmax stuff class of the bilinearly upsampled stuff logits.
 
     Args:
-        logits: [h, w, S] float32 stuff logits at stride ``stride``.
+        logits: [h, w, K] float32 logits over all classes at stride ``stride`` (stuff from
+            channel ``num_thing_classes``; only those are upsampled unless
+            ``thing_pixels='void'``).
         image_size: (Hp, Wp) static output size.
         stride: static upsampling factor.
         row_block: static number of output rows computed per ``lax.map`` step (rounded up to a
             multiple of ``stride``).
+        num_thing_classes: T.
+        thing_pixels: 'stuff' or 'void' (-2 where the argmax over all K classes is a thing).
 
     Returns:
         [Hp, Wp] int32 stuff index in ``0..S-1`` (first maximum on ties): the first Hp x Wp
-        pixels of ``F.interpolate(scale_factor=stride)`` (`oanet_jax.ops.resize`).
+        pixels of ``F.interpolate(scale_factor=stride)`` (`oanet_jax.ops.resize`); -2 on thing
+        pixels with ``thing_pixels='void'``.
 
     Raises:
         ValueError: if the upsampled logits are smaller than (Hp, Wp).
@@ -370,9 +442,19 @@ def _stuff_labels(
     rows_in = max(1, -(-min(row_block, height) // stride))  # logit rows per block
     num_blocks = -(-height // (rows_in * stride))
 
+    thing_void = thing_pixels == "void" and num_thing_classes > 0
+    if not thing_void:
+        logits = logits[..., num_thing_classes:]
+
     def one_block(start: jax.Array) -> jax.Array:
-        up = upsample_bilinear_rows(logits, start, rows_in, stride)  # [rows_in * stride, Wp, S]
-        return jnp.argmax(up, axis=-1).astype(jnp.int32)
+        up = upsample_bilinear_rows(logits, start, rows_in, stride)  # [rows_in * stride, Wp, C]
+        if not thing_void:
+            return jnp.argmax(up, axis=-1).astype(jnp.int32)
+        stuff = up[..., num_thing_classes:]
+        label = jnp.argmax(stuff, axis=-1).astype(jnp.int32)
+        # The first maximum over all classes is a thing when a thing logit ties the best stuff.
+        is_thing = jnp.max(up[..., :num_thing_classes], axis=-1) >= jnp.max(stuff, axis=-1)
+        return jnp.where(is_thing, -2, label)
 
     labels = jax.lax.map(one_block, jnp.arange(num_blocks, dtype=jnp.int32) * rows_in)
     return labels.reshape(num_blocks * rows_in * stride, -1)[:height, :width]

@@ -31,6 +31,7 @@ def test_stuff_argmax_is_shared_by_the_orderings(tiny_setup):
     batch = {
         "image": jnp.zeros((2, hp, wp, 3), jnp.float32),
         "image_shape": jnp.asarray([[hp, wp], [40, 50]], jnp.int32),
+        "orig_shape": jnp.asarray([[hp, wp], [80, 100]], jnp.int32),  # eval.stuff_area_pixels
     }
     counts = {}
     for orderings in (("score",), ("score", "srm")):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from oanet_jax.panoptic import merge as pm
 
@@ -48,8 +49,22 @@ def _ref_stuff_up(logits: np.ndarray, stride: int) -> np.ndarray:
     return up[0].permute(1, 2, 0).numpy()
 
 
-def _ref_merge(inp: dict, *, mask_thr=0.5, overlap=0.5, score_thr=0.5, limit=4900):
+def _ref_merge(
+    inp: dict,
+    *,
+    mask_thr=0.5,
+    overlap=0.5,
+    score_thr=0.5,
+    limit=4900,
+    thing_void=False,
+    region=False,
+    area_scale=None,
+):
     """Loop implementation of detectron2's combine_semantic_and_instance_outputs with an order key.
+
+    Options: `thing_void` leaves void the free pixels whose argmax over all classes is a thing;
+    `region` applies the area limit per 4-connected region (scipy.ndimage.label) instead of per
+    class; `area_scale` [B] multiplies pixel counts before the comparison with `limit`.
 
     Returns (id_map [B,Hp,Wp], area [B,D+S], soft_margin): soft_margin is the smallest distance of
     a pasted probability (inside the image) from the mask threshold, to make sure float32 vs
@@ -85,9 +100,18 @@ def _ref_merge(inp: dict, *, mask_thr=0.5, overlap=0.5, score_thr=0.5, limit=490
         if ns:
             up = _ref_stuff_up(inp["stuff_logits"][b], STRIDE)[:HP, :WP]
             sem = np.argmax(up[..., T:], axis=-1)
+            free = (id_map == 0) & inside
+            if thing_void:
+                free &= np.argmax(up, axis=-1) >= T
+            scale = 1.0 if area_scale is None else float(area_scale[b])
             for s in range(ns):
-                m = (sem == s) & (id_map == 0) & inside
-                if m.sum() < limit:
+                m = (sem == s) & free
+                if region:
+                    comp, n = ndimage.label(m)
+                    for k in range(1, n + 1):
+                        if (comp == k).sum() * scale < limit:
+                            m &= comp != k
+                elif m.sum() * scale < limit:
                     continue
                 id_map[m] = nd + 1 + s
                 areas[b, nd + s] = int(m.sum())
@@ -433,3 +457,102 @@ def test_shared_stuff_label_map_gives_the_same_merge():
             want = _merge(inp, stuff_area_limit=60)
             got = _merge(inp, stuff_area_limit=60, stuff_label_map=labels)
             jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("thing_pixels", ["stuff", "void"])
+@pytest.mark.parametrize("unit", ["class", "region"])
+def test_merge_options_against_float64_reference(thing_pixels, unit):
+    """thing_pixels, per-class or per-region area limits, and areas in original pixels: the jitted
+    merge equals the loop reference (regions by scipy.ndimage.label)."""
+    limit = 40
+    checked = 0
+    for seed in range(4):
+        inp = _random_inputs(seed)
+        rng = np.random.default_rng(seed + 50)
+        # Thing logits win on about half the pixels (blocks), so 'void' has work to do.
+        offset = np.where(rng.random(inp["stuff_logits"].shape[:3]) < 0.5, 5.0, -5.0)
+        inp["stuff_logits"][..., :T] += offset[..., None].astype(np.float32) - 5.0
+        # Original sizes: integer multiples of the resized image (area ratios exact in float32).
+        ratios = np.array([(1, 1), (2, 1), (2, 2), (3, 1)])[: len(inp["image_shape"])]
+        orig = inp["image_shape"] * ratios
+        scale = ratios.prod(axis=1)
+        ref_map, ref_area, margin = _ref_merge(
+            inp,
+            limit=limit,
+            thing_void=thing_pixels == "void",
+            region=unit == "region",
+            area_scale=scale,
+        )
+        if margin < 2e-5:
+            continue
+        checked += 1
+        out = _merge(
+            inp,
+            stuff_area_limit=limit,
+            orig_shape=orig.astype(np.int32),
+            thing_pixels=thing_pixels,
+            stuff_area_unit=unit,
+        )
+        np.testing.assert_array_equal(out["id_map"], ref_map, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(out["segments"]["area"], ref_area, err_msg=f"seed {seed}")
+        _check_table(out, inp)
+        # The shared label map (as inference computes it once) gives the same merge.
+        labels = pm.stuff_labels(
+            jnp.asarray(inp["stuff_logits"]),
+            jnp.asarray(inp["image_shape"]),
+            image_size=(HP, WP),
+            num_thing_classes=T,
+            stride=STRIDE,
+            thing_pixels=thing_pixels,
+        )
+        shared = _merge(
+            inp,
+            stuff_area_limit=limit,
+            orig_shape=orig.astype(np.int32),
+            thing_pixels=thing_pixels,
+            stuff_area_unit=unit,
+            stuff_label_map=labels,
+        )
+        np.testing.assert_array_equal(shared["id_map"], out["id_map"])
+    assert checked >= 3
+
+
+def test_thing_pixels_and_region_limit_by_hand():
+    """Hand-made: a thing-dominated half stays void with 'void'; two regions of one stuff class,
+    one under the limit, only the small one removed per region; original-pixel areas."""
+    stuff = np.zeros((HP // STRIDE, WP // STRIDE, T + S), np.float32)
+    stuff[..., T] = 1.0  # stuff class 0 everywhere ...
+    stuff[:, : WP // STRIDE // 2, 0] = 3.0  # ... but thing class 0 wins on the left half
+    inp = _inputs([[0, 0, 0, 0]] * D, [0.0] * D, valid=[False] * D, stuff=stuff)
+    left = np.zeros((HP, WP), bool)
+    up = _ref_stuff_up(stuff, STRIDE)[:HP, :WP]
+    left[np.argmax(up, axis=-1) < T] = True
+    assert 0 < left.sum() < HP * WP
+    out = _merge(inp, stuff_area_limit=1, thing_pixels="void")
+    assert np.all(out["id_map"][0][left] == 0) and np.all(out["id_map"][0][~left] == D + 1)
+    out = _merge(inp, stuff_area_limit=1, thing_pixels="stuff")
+    assert np.all(out["id_map"][0] == D + 1)
+
+    stuff = np.zeros((HP // STRIDE, WP // STRIDE, T + S), np.float32)
+    stuff[..., T + 1] = 1.0  # class 1 background; class 0 in two separate blobs
+    stuff[:2, :2, T] = 4.0
+    stuff[4:, 6:, T] = 4.0
+    up = _ref_stuff_up(stuff, STRIDE)[:HP, :WP]
+    comp, n = ndimage.label(np.argmax(up[..., T:], axis=-1) == 0)
+    assert n == 2
+    small, big = sorted((comp == k).sum() for k in (1, 2))
+    inp = _inputs([[0, 0, 0, 0]] * D, [0.0] * D, valid=[False] * D, stuff=stuff)
+    per_class = _merge(inp, stuff_area_limit=big + 1)  # the class totals small + big: kept
+    assert per_class["segments"]["area"][0, D] == small + big
+    per_region = _merge(inp, stuff_area_limit=big, stuff_area_unit="region")
+    assert per_region["segments"]["area"][0, D] == big  # the small blob is removed
+    # Areas in original pixels: an original twice as large per side counts 4x.
+    orig = np.array([[2 * HP, 2 * WP]], np.int32)
+    scaled = _merge(inp, stuff_area_limit=4 * small, stuff_area_unit="region", orig_shape=orig)
+    assert scaled["segments"]["area"][0, D] == small + big
+    scaled = _merge(inp, stuff_area_limit=4 * small + 1, stuff_area_unit="region", orig_shape=orig)
+    assert scaled["segments"]["area"][0, D] == big
+    with pytest.raises(ValueError, match="thing_pixels"):
+        _merge(inp, thing_pixels="other")
+    with pytest.raises(ValueError, match="stuff_area_unit"):
+        _merge(inp, stuff_area_unit="segment")
