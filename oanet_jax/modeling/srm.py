@@ -70,16 +70,20 @@ def build_canvas(instance_masks: Array, classes: Array, valid: Array, num_classe
     return jnp.minimum(counts, 1.0)
 
 
-def conflict_mask(instance_masks: Array) -> Array:
-    """Pixels covered by two or more instance masks (where the SRM is supervised).
+def conflict_mask(canvas: Array) -> Array:
+    """Pixels where instances of two or more DIFFERENT thing classes lie (the SRM's supervision).
+
+    The paper's Fig. 4: a conflict is a pixel with several active canvas channels. Two instances
+    of one class overlap in one channel only, so such a pixel carries no ordering information
+    for a per-class score map and is not a conflict.
 
     Args:
-      instance_masks: [B, N, h, w] float32 binary masks (padded instances all zero).
+      canvas: [B, h, w, T] float32 in {0, 1} (`build_canvas`).
 
     Returns:
       [B, h, w] bool.
     """
-    return jnp.sum(instance_masks, axis=1) >= 2.0
+    return jnp.sum(canvas, axis=-1) >= 2.0
 
 
 def ranking_scores(score_map: Array, instance_masks: Array, classes: Array, valid: Array) -> Array:

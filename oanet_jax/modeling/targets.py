@@ -343,7 +343,8 @@ def srm_targets(
     point ``((j + 0.5) * stride, (i + 0.5) * stride)``; its label is the panoptic (semantic)
     label at that point, nearest-neighbour: ``semantic[floor((i + 0.5) * stride),
     floor((j + 0.5) * stride)]`` (indices clamped to the map), kept only where the pixel is
-    conflicting (covered by >= 2 instance masks, ``srm.conflict_mask``) and the label is a thing
+    conflicting (covered by instances of >= 2 different thing classes, ``srm.conflict_mask``) and
+    the label is a thing
     class (< T); everywhere else ``ignore_label``.
 
     Args:
@@ -377,7 +378,7 @@ def srm_targets(
     inst = jax.lax.stop_gradient(inst)
     classes = jnp.asarray(gt_classes, jnp.int32)[None]
     canvas = srm_lib.build_canvas(inst, classes, valid[None], t)[0]
-    conflict = srm_lib.conflict_mask(inst)[0]
+    conflict = srm_lib.conflict_mask(canvas[None])[0]
     h, w = conflict.shape
 
     sem = jnp.asarray(semantic).astype(jnp.int32)

@@ -62,8 +62,12 @@ def test_canvas_and_ranking_score_by_hand():
     np.testing.assert_array_equal(canvas[0, :, :, 2], m[0, 1])
     np.testing.assert_array_equal(canvas[0, :, :, 1], 0)
 
-    conflict = np.asarray(srm_lib.conflict_mask(masks))[0]
+    conflict = np.asarray(srm_lib.conflict_mask(canvas))[0]
     assert conflict.sum() == 4 and conflict[3:5, 4:6].all()
+    # A second class-0 instance on top of instance 0: same channel, not a conflict.
+    same = masks.at[0, 2, 1:3, 1:3].set(1.0)
+    same_canvas = srm_lib.build_canvas(same, jnp.array([[0, 2, 0]]), jnp.array([[1, 1, 1]]) > 0, t)
+    np.testing.assert_array_equal(np.asarray(srm_lib.conflict_mask(same_canvas))[0], conflict)
 
     # Score map: class 2 dominates on the overlap, class 0 elsewhere.
     s = np.full((1, h, w, t), 0.1, np.float32)

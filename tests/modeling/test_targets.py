@@ -379,7 +379,7 @@ def test_srm_targets_hand_made():
         [
             [0, 0, 16, 16],  # A, class 1: canvas rows/cols 0..3
             [8, 8, 24, 24],  # B, class 2: canvas 2..5
-            [0, 0, 8, 8],  # D, class 1: canvas 0..1 (same class as A: still a conflict)
+            [0, 0, 8, 8],  # D, class 1: canvas 0..1 (same class as A: not a conflict)
             [16, 16, 32, 32],  # invalid (padding): pastes nothing
             [24, 0, 32, 8],  # E, class 0, alone: canvas rows 0..1, cols 6..7
         ],
@@ -403,12 +403,10 @@ def test_srm_targets_hand_made():
     want_canvas[2:6, 2:6, 2] = 1
     want_canvas[0:2, 6:8, 0] = 1
     np.testing.assert_array_equal(canvas, want_canvas)
-    conflict = np.zeros((8, 8), bool)
-    conflict[0:2, 0:2] = True  # A and D
+    conflict = np.zeros((8, 8), bool)  # A and D (both class 1) overlap on 0:2, 0:2: no conflict
     conflict[2:4, 2:4] = True  # A and B
     np.testing.assert_array_equal(np.asarray(out["conflict"]), conflict)
     want = np.full((8, 8), 255, np.int32)
-    want[0:2, 0:2] = 1  # semantic at (2, 2), (2, 6), (6, 2), (6, 6): class 1
     want[2, 2] = 0  # sem[10, 10]
     want[2, 3] = 255  # void
     want[3, 2] = 255  # stuff
