@@ -122,10 +122,11 @@ class OANet(nn.Module):
     param_dtype: Any = jnp.float32
     """Dtype of stored parameters."""
     train_mask_rois: int | None = None
-    """Static override of the mask RoIs per image in training, without a switch: F runs the
-    unbucketed head (today's path; reference in tests), a bucket size lets a FLOP count see the
-    branch a batch takes (XLA costs a `conditional` as its dearest branch). Foreground beyond it
-    would be dropped, so only for counting and tests. None = `mask_head.train_buckets`."""
+    """Static override of the mask RoIs per image in training, in [1, F], without a switch: F
+    runs the unbucketed head (the path before buckets; the tests' reference), a bucket size lets
+    a FLOP count see the branch a batch takes (XLA costs a `conditional` as its dearest branch).
+    Foreground beyond it would be dropped, so only for counting and tests. None =
+    `mask_head.train_buckets`."""
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -348,6 +349,8 @@ class OANet(nn.Module):
         num_fg = jnp.sum(rois["is_fg"][:, :f], axis=1, dtype=jnp.int32)
         buckets = mask_buckets(self.mask_head_config.train_buckets, f)
         if self.train_mask_rois is not None:
+            if not 1 <= int(self.train_mask_rois) <= f:
+                raise ValueError(f"train_mask_rois={self.train_mask_rois} must be in [1, F={f}]")
             buckets = (int(self.train_mask_rois),)
         if len(buckets) == 1 or self.is_initializing():
             # One size (or init, where the parameters' shapes do not depend on it): no switch.
@@ -355,10 +358,7 @@ class OANet(nn.Module):
             mask_loss = self._mask_loss(buckets[0], *mask_in)
         else:
             bucket = choose_bucket(num_fg, buckets)
-            branches = [
-                lambda mdl, *xs, k=k: mdl._mask_loss(k, *xs)  # noqa: B023 (bound by k=k)
-                for k in buckets
-            ]
+            branches = [lambda mdl, *xs, k=k: mdl._mask_loss(k, *xs) for k in buckets]
             mask_loss = nn.switch(bucket, branches, self, *mask_in, rngs=False)
         mask_rois = jnp.take(jnp.asarray(buckets, jnp.int32), bucket)
 
