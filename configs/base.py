@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.mask_head.conv_dim = 256
     m.mask_head.num_convs = 4
     m.mask_head.pooler_resolution = 14
+    # Mask RoIs per image in training: the smallest of these static sizes that holds the batch's
+    # largest per-image foreground count (lax.switch picks it on device). Cut to the foreground
+    # slots F = roi.batch_size_per_image * roi.positive_fraction, F always added; () = always F.
+    m.mask_head.train_buckets = (16, 32, 64, 128)
     # Stuff head (paper Fig. 3)
     m.stuff_head = ml_collections.ConfigDict()
     m.stuff_head.channels = 128

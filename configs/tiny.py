@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.box_head.fc_dim = 32
     m.mask_head.conv_dim = 16
     m.mask_head.num_convs = 2
+    # Buckets (2, F = 4): the training tests run the mask head through its lax.switch.
+    m.mask_head.train_buckets = (2,)
     m.stuff_head.channels = 8
     m.test.detections_per_image = 8
     m.test.max_candidates = 64

@@ -158,7 +158,10 @@ def fast_rcnn_losses(
 def mask_loss(mask_logits: Array, classes: Array, targets: Array, is_fg: Array) -> Array:
     """Mask loss (detectron2 ``mask_rcnn_loss``): BCE on the GT class channel, fg RoIs only.
 
-    Mean over all pixels of all foreground RoIs in the batch; 0 when there is none.
+    Mean over all pixels of all foreground RoIs in the batch; 0 when there is none. Slots that
+    are not foreground count for nothing, so the loss over the first k slots of each image equals
+    the loss over all R when no foreground lies past k: what lets the model run its mask head on
+    a bucket of k RoIs (`oanet_jax.modeling.oanet.mask_buckets`).
 
     Args:
       mask_logits: [B, R, P, P, C] float class-specific logits ([..., 1] = class-agnostic).
@@ -335,9 +338,9 @@ def compute_losses(
       outputs: the training forward pass's dict: 'rpn_objectness' [B, A], 'rpn_deltas'
         [B, A, 4], 'rpn_labels' [B, A], 'rpn_box_targets' [B, A, 4], 'class_logits'
         [B, R, C+1], 'box_deltas' [B, R, C, 4], 'roi_classes' [B, R], 'roi_box_targets'
-        [B, R, 4], 'roi_valid' [B, R], 'mask_logits' [B, F, P, P, C], 'mask_classes' [B, F],
-        'mask_targets' [B, F, P, P], 'mask_is_fg' [B, F], 'stuff_logits' [B, h, w, K] at stride
-        4, 'srm_logits' [B, h', w', T], 'srm_labels' [B, h', w'].
+        [B, R, 4], 'roi_valid' [B, R], 'mask_loss' [] (:func:`mask_loss`, computed by the
+        model on its bucket of mask RoIs), 'stuff_logits' [B, h, w, K] at stride 4,
+        'srm_logits' [B, h', w', T], 'srm_labels' [B, h', w'].
       batch: the input batch; uses 'semantic' [B, Hp, Wp] uint8 (Hp = 4 h, Wp = 4 w).
       rpn_batch_size_per_image: the RPN sampler's anchors per image (loss normaliser).
       rpn_smooth_l1_beta, roi_smooth_l1_beta: smooth-L1 betas (0 = L1).
@@ -364,12 +367,7 @@ def compute_losses(
         outputs["roi_valid"],
         smooth_l1_beta=roi_smooth_l1_beta,
     )
-    mask = mask_loss(
-        outputs["mask_logits"],
-        outputs["mask_classes"],
-        outputs["mask_targets"],
-        outputs["mask_is_fg"],
-    )
+    mask = outputs["mask_loss"]  # made by the model inside its mask-RoI bucket (mask_loss)
     seg = semantic_loss(
         outputs["stuff_logits"],
         batch["semantic"],

@@ -169,6 +169,21 @@ def test_mask_loss_vs_torch():
     np.testing.assert_allclose(float(got), want.item(), **TOL)
 
 
+def test_mask_loss_over_a_bucket_of_leading_slots_equals_all_slots():
+    """Foreground in the first k slots only: the loss (and its gradient) over those k slots equals
+    the loss over all R, as the model's mask-RoI buckets need."""
+    logits, classes, targets, _ = mask_case(2)
+    k = 5
+    fg = np.zeros(classes.shape, bool)
+    fg[0, :k] = True  # image 0 fills the bucket
+    fg[1, :2] = True
+    full = jax.value_and_grad(L.mask_loss)(logits, classes, targets, fg)
+    part = jax.value_and_grad(L.mask_loss)(logits[:, :k], classes[:, :k], targets[:, :k], fg[:, :k])
+    np.testing.assert_allclose(float(part[0]), float(full[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(part[1]), np.asarray(full[1])[:, :k], rtol=1e-6)
+    assert (np.asarray(full[1])[:, k:] == 0).all()
+
+
 def test_mask_loss_no_fg():
     logits, classes, targets, fg = mask_case(1)
     none = np.zeros_like(fg)
@@ -303,10 +318,7 @@ def test_compute_losses_matches_terms():
         "roi_classes": classes,
         "roi_box_targets": btargets,
         "roi_valid": valid,
-        "mask_logits": mlog,
-        "mask_classes": mcls,
-        "mask_targets": mtgt,
-        "mask_is_fg": mfg,
+        "mask_loss": L.mask_loss(mlog, mcls, mtgt, mfg),
         "stuff_logits": slog,
         "srm_logits": srm_lg,
         "srm_labels": srm_lb,

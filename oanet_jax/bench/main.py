@@ -8,10 +8,13 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   model  jitted ResNet-50 OANet inference on one 800x1344 image vs torchvision's
          maskrcnn_resnet50_fpn
   train  ResNet-50 train step at 1024x1024 vs torchvision's maskrcnn_resnet50_fpn training step
+  flops  FLOPs per training image (XLA cost analysis, by module) at 512x512, batch 2, 8 boxes per
+         image vs torchvision's maskrcnn_resnet50_fpn (FlopCounterMode); counts, not times
 
-Every section times with `oanet_jax.bench.timing` (medians, warm-up excluded), prints its result
-as JSON and writes it to OUT/SECTION.json with a description of the machine, so that
-docs/BENCHMARKS.md cites the file each figure comes from. Needs the test extras (torch).
+Every timed section times with `oanet_jax.bench.timing` (medians, warm-up excluded; the flops
+section counts, it does not time). Each prints its result as JSON and writes it to
+OUT/SECTION.json with a description of the machine, so that docs/BENCHMARKS.md cites the file
+each figure comes from. Needs the test extras (torch).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import pathlib
 import platform
 
-SECTIONS = ("ops", "pq", "model", "train")
+SECTIONS = ("ops", "pq", "model", "train", "flops")
 
 
 def machine() -> dict:

@@ -102,6 +102,11 @@ class MaskHeadConfig:
     """Number of 3x3 convs."""
     pooler_resolution: int = 14
     """RoIAlign output size P (the predicted masks are 2P x 2P)."""
+    train_buckets: tuple[int, ...] = (16, 32, 64, 128)
+    """Static numbers of mask RoIs per image in training. The smallest bucket holding the batch's
+    largest per-image foreground count runs (`jax.lax.switch`, one branch executes); buckets
+    above F = int(roi.batch_size_per_image * roi.positive_fraction) are cut to F, and F is
+    always the last bucket, so every count fits. () = always F."""
 
 
 @dataclasses.dataclass(frozen=True)

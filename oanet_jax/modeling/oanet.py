@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oanet_jax import losses
 from oanet_jax.modeling import srm as srm_lib
 from oanet_jax.modeling import targets as targets_lib
 from oanet_jax.modeling.config import (
@@ -53,6 +54,38 @@ Array = jax.Array
 
 FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
 POOLER_STRIDES = (4, 8, 16, 32)  # RoI heads and stuff branch use P2..P5
+
+
+def mask_buckets(train_buckets: Sequence[int], num_fg_slots: int) -> tuple[int, ...]:
+    """The static mask-RoI bucket sizes of a training step, ascending, the last one F.
+
+    Args:
+      train_buckets: `config.model.mask_head.train_buckets` (any order; values >= 1).
+      num_fg_slots: F, the sampler's foreground slots per image.
+
+    Returns:
+      The distinct sizes ``min(b, F)`` plus F, sorted: every foreground count in [0, F] fits.
+    """
+    f = int(num_fg_slots)
+    if any(int(b) < 1 for b in train_buckets):
+        raise ValueError(f"mask_head.train_buckets must be >= 1: {tuple(train_buckets)}")
+    return tuple(sorted({min(int(b), f) for b in train_buckets} | {f}))
+
+
+def choose_bucket(num_fg: Array, buckets: Sequence[int]) -> Array:
+    """Index of the smallest bucket that holds the largest per-image foreground count.
+
+    Args:
+      num_fg: [B] int foreground RoIs per image (each <= buckets[-1]). Under a data-sharded jit
+        the max is global (the compiler inserts the all-reduce), so every device agrees.
+      buckets: static ascending sizes from :func:`mask_buckets`.
+
+    Returns:
+      [] int32 in [0, len(buckets)): 0 when there is no foreground at all.
+    """
+    largest = jnp.max(jnp.asarray(num_fg, jnp.int32))
+    index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), largest, side="left")
+    return jnp.minimum(index, len(buckets) - 1).astype(jnp.int32)
 
 
 class OANet(nn.Module):
@@ -88,6 +121,12 @@ class OANet(nn.Module):
     """Compute dtype of convolutions and dense layers (box math and losses stay float32)."""
     param_dtype: Any = jnp.float32
     """Dtype of stored parameters."""
+    train_mask_rois: int | None = None
+    """Static override of the mask RoIs per image in training, in [1, F], without a switch: F
+    runs the unbucketed head (the path before buckets; the tests' reference), a bucket size lets
+    a FLOP count see the branch a batch takes (XLA costs a `conditional` as its dearest branch).
+    Foreground beyond it would be dropped, so only for counting and tests. None =
+    `mask_head.train_buckets`."""
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -146,6 +185,39 @@ class OANet(nn.Module):
         """Mask head logits [B, K, 2P, 2P, T] on [B, K, 4] boxes (P: mask pooler resolution)."""
         return self.mask_head(self._pool(levels, boxes, self.mask_head_config.pooler_resolution))
 
+    def _mask_loss(
+        self,
+        k: int,
+        levels: Sequence[Array],
+        rois: Array,
+        classes: Array,
+        matched_gt: Array,
+        is_fg: Array,
+        gt_masks: Array,
+        gt_boxes: Array,
+    ) -> Array:
+        """Mask loss on the first `k` RoI slots of each image: RoIAlign, head, targets, BCE.
+
+        Args:
+          k: static number of slots (a bucket); must hold every foreground RoI of the batch.
+          levels: P2..P5 feature maps, [B, Hl, Wl, C] each.
+          rois: [B, F, 4] the sampled RoIs' first F slots (foreground first).
+          classes, matched_gt: [B, F] int32 class and matched GT index of each slot.
+          is_fg: [B, F] bool valid foreground slots.
+          gt_masks: [B, M, S, S] GT masks cropped to `gt_boxes` [B, M, 4].
+
+        Returns:
+          [] float32 `losses.mask_loss` over the batch's foreground RoIs.
+        """
+        r = rois[:, :k]
+        logits = self._mask_branch(levels, r)  # [B, k, 2P, 2P, T]
+        targets = jax.vmap(
+            lambda m, bx, rr, idx: targets_lib.mask_targets(
+                m, bx, rr, idx, out_size=2 * self.mask_head_config.pooler_resolution
+            )
+        )(gt_masks, gt_boxes, r, matched_gt[:, :k])
+        return losses.mask_loss(logits, classes[:, :k], targets, is_fg[:, :k])
+
     def _trunk(self, batch: dict[str, Array], train: bool) -> dict[str, Any]:
         image = batch["image"]
         feats = self.backbone(image.astype(self.dtype), train=train)
@@ -197,9 +269,16 @@ class OANet(nn.Module):
           'rpn_box_targets' [B, A, 4]; 'proposals' [B, K, 4], 'proposal_valid' [B, K];
           'class_logits' [B, R, T+1], 'box_deltas' [B, R, T, 4], 'roi_classes' [B, R],
           'roi_box_targets' [B, R, 4], 'roi_valid' [B, R], 'roi_is_fg' [B, R];
-          'mask_logits' [B, F, 28, 28, T], 'mask_targets' [B, F, 28, 28], 'mask_classes' [B, F],
-          'mask_is_fg' [B, F]; 'stuff_logits' [B, h, w, T+S]; 'srm_logits' [B, h, w, T],
-          'srm_labels' [B, h, w] int32 (255 = ignored), 'srm_canvas' [B, h, w, T].
+          'mask_loss' [] float32 (`losses.mask_loss` over every foreground RoI of the batch),
+          'mask_num_fg' [B] int32 foreground RoIs per image, 'mask_rois' [] int32 the mask RoIs
+          per image the head ran on (the chosen bucket, see `mask_buckets`);
+          'stuff_logits' [B, h, w, T+S]; 'srm_logits' [B, h, w, T], 'srm_labels' [B, h, w]
+          int32 (255 = ignored), 'srm_canvas' [B, h, w, T].
+
+        The mask head runs inside the branch of a `jax.lax.switch` over the static buckets of
+        `mask_head.train_buckets`: RoIAlign, head, targets and the loss of the first k RoI slots
+        of each image, k the smallest bucket holding the batch's largest foreground count. The
+        loss equals the unbucketed one (all F slots): the slots past k are not foreground.
         """
         image_size = tuple(batch["image"].shape[1:3])
         trunk = self._trunk(batch, train=True)
@@ -255,15 +334,33 @@ class OANet(nn.Module):
         levels = trunk["levels"][:4]
         box_out = self._box_branch(levels, rois["rois"])
 
-        # The sampler puts foreground first: the mask head only needs the first F slots.
+        # The sampler puts foreground first: the mask head only needs the first F slots, and
+        # of those only a static bucket that holds the batch's largest foreground count.
         f = int(self.roi_config.batch_size_per_image * self.roi_config.positive_fraction)
-        fg_rois = rois["rois"][:, :f]
-        mask_logits = self._mask_branch(levels, fg_rois)
-        mask_t = jax.vmap(
-            lambda m, bx, r, idx: targets_lib.mask_targets(
-                m, bx, r, idx, out_size=2 * self.mask_head_config.pooler_resolution
-            )
-        )(batch["masks"], gt_boxes, fg_rois, rois["matched_gt"][:, :f])
+        mask_in = (
+            levels,
+            rois["rois"][:, :f],
+            rois["classes"][:, :f],
+            rois["matched_gt"][:, :f],
+            rois["is_fg"][:, :f],
+            batch["masks"],
+            gt_boxes,
+        )
+        num_fg = jnp.sum(rois["is_fg"][:, :f], axis=1, dtype=jnp.int32)
+        buckets = mask_buckets(self.mask_head_config.train_buckets, f)
+        if self.train_mask_rois is not None:
+            if not 1 <= int(self.train_mask_rois) <= f:
+                raise ValueError(f"train_mask_rois={self.train_mask_rois} must be in [1, F={f}]")
+            buckets = (int(self.train_mask_rois),)
+        if len(buckets) == 1 or self.is_initializing():
+            # One size (or init, where the parameters' shapes do not depend on it): no switch.
+            bucket = jnp.asarray(0, jnp.int32)
+            mask_loss = self._mask_loss(buckets[0], *mask_in)
+        else:
+            bucket = choose_bucket(num_fg, buckets)
+            branches = [lambda mdl, *xs, k=k: mdl._mask_loss(k, *xs) for k in buckets]
+            mask_loss = nn.switch(bucket, branches, self, *mask_in, rngs=False)
+        mask_rois = jnp.take(jnp.asarray(buckets, jnp.int32), bucket)
 
         srm_t = jax.vmap(
             lambda m, bx, cl, v, sem: targets_lib.srm_targets(
@@ -298,10 +395,9 @@ class OANet(nn.Module):
             "roi_box_targets": rois["box_targets"],
             "roi_valid": rois["valid"],
             "roi_is_fg": rois["is_fg"],
-            "mask_logits": mask_logits,
-            "mask_targets": mask_t,
-            "mask_classes": rois["classes"][:, :f],
-            "mask_is_fg": rois["is_fg"][:, :f],
+            "mask_loss": mask_loss,
+            "mask_num_fg": num_fg,
+            "mask_rois": mask_rois,
             "stuff_logits": trunk["stuff_logits"],
             "srm_logits": srm_logits,
             "srm_labels": srm_t["labels"],

@@ -5,8 +5,12 @@ import pytest
 
 pytest.importorskip("torchvision")
 
-from configs import base  # noqa: E402
-from oanet_jax.bench import ops, timing, train  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import base, tiny  # noqa: E402
+from oanet_jax.bench import flops, ops, timing, train  # noqa: E402
 from oanet_jax.data import spec as data_spec  # noqa: E402
 
 
@@ -48,3 +52,68 @@ def test_train_section_batch_follows_the_spec_and_matches_torchvision_targets():
         np.testing.assert_array_equal(target["labels"].numpy(), ours["classes"][b, :3] + 1)
         assert target["masks"].shape == (3, 128, 128) and target["masks"].sum() > 0
         assert tuple(images[b].shape) == (3, 128, 128) and float(images[b].max()) <= 1.0
+
+
+def test_flops_xla_counts_a_switch_as_its_dearest_branch():
+    """Why the flops section forces the bucket: a conditional costs as its dearest branch."""
+    r = flops.toy_switch_flops(sizes=(2, 4, 8), width=16)
+    assert r["branches"][0] < r["branches"][1] < r["branches"][2]
+    assert r["switch"] == pytest.approx(max(r["branches"]), abs=2) and r["counts"] == "max"
+
+
+def test_flops_by_module_groups_forward_and_backward_by_name_stack():
+    class Toy(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(8, use_bias=False, name="backbone")(x)
+            return nn.Dense(4, use_bias=False, name="mask_head")(jnp.tanh(x))
+
+    model = Toy()
+    x = jnp.ones((3, 5))
+    params = model.init(jax.random.key(0), x)
+
+    def loss(p):
+        return jnp.sum(model.apply(p, x) ** 2) + jnp.sum(x @ jnp.ones((5, 2)))  # + one outside
+
+    got = flops.module_flops(jax.grad(loss), params)
+    assert got["backbone"]["forward"] == 2 * 3 * 5 * 8
+    assert got["mask_head"]["forward"] == 2 * 3 * 8 * 4
+    assert got["backbone"]["backward"] == 2 * 3 * 5 * 8  # the kernel's gradient (x needs none)
+    assert got["mask_head"]["backward"] == 2 * (2 * 3 * 8 * 4)  # kernel and input gradients
+    assert got["other"] == {"forward": 2 * 3 * 5 * 2, "backward": 0.0}
+    assert got["stuff_head"] == {"forward": 0.0, "backward": 0.0}
+
+
+@pytest.mark.slow  # a ResNet-50 Mask R-CNN step at 128x128: 99 s on the loaded 2-core machine
+def test_flops_torchvision_counts_forward_backward_and_mask_rois():
+    config = base.get_config()
+    config.data.image_size = (128, 128)
+    config.train.batch_size = 1
+    _, images, targets = train.make_batch(config, num_instances=2)
+    r = flops.torchvision_flops(images, targets, 128)
+    assert r["forward"] > 0 and r["backward"] > r["forward"]
+    assert r["total"] == r["forward"] + r["backward"]
+    assert r["forward_by_module"]["backbone"] > 0 and r["forward_by_module"]["mask_head"] > 0
+    assert len(r["mask_rois"]) == 1 and r["mask_rois"][0] >= 2  # the GT boxes at least
+
+
+@pytest.mark.slow  # init, a forward and two train-step compilations: minutes on 2 cores
+def test_flops_section_tiny_bucket_below_unbucketed():
+    config = tiny.get_config()
+    config.data.image_size = (128, 128)
+    config.train.batch_size = 2
+    config.model.roi.batch_size_per_image = 64  # F = 16 mask slots
+    config.model.mask_head.train_buckets = (4, 8)
+    r = flops.count(config, num_instances=2, torchvision_side=False)
+    assert r["buckets"] == [4, 8, 16]
+    assert max(r["foreground_rois_per_image"]) <= r["bucket_taken"] < 16
+    taken, full = r["ours_taken"], r["ours_unbucketed"]
+    assert 0 < taken["flops_per_image"] < full["flops_per_image"]
+    mask = [v["by_module_per_image"]["mask_head"] for v in (taken, full)]
+    assert 0 < mask[0]["forward"] < mask[1]["forward"]
+    # The other modules do the same work whatever the bucket.
+    for g in ("backbone", "fpn", "rpn", "box_head", "stuff_head", "srm"):
+        assert taken["by_module_per_image"][g]["forward"] > 0
+        for d in ("forward", "backward"):
+            assert taken["by_module_per_image"][g][d] == full["by_module_per_image"][g][d]
+    assert r["xla_conditional"]["counts"] == "max"

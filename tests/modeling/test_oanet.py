@@ -92,7 +92,7 @@ def _dims(cfg) -> dict[str, int]:
 def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
     d = _dims(cfg)
     b, k = BATCH, cfg.model.rpn.post_nms_topk_train
-    a, r, f, t, p, h, w = d["A"], d["R"], d["F"], d["T"], d["P"], d["h"], d["w"]
+    a, r, t, h, w = d["A"], d["R"], d["T"], d["h"], d["w"]
     return {
         "rpn_objectness": ((b, a), F32),
         "rpn_deltas": ((b, a, 4), F32),
@@ -106,10 +106,9 @@ def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
         "roi_box_targets": ((b, r, 4), F32),
         "roi_valid": ((b, r), BOOL),
         "roi_is_fg": ((b, r), BOOL),
-        "mask_logits": ((b, f, p, p, t), F32),
-        "mask_targets": ((b, f, p, p), F32),
-        "mask_classes": ((b, f), I32),
-        "mask_is_fg": ((b, f), BOOL),
+        "mask_loss": ((), F32),
+        "mask_num_fg": ((b,), I32),
+        "mask_rois": ((), I32),
         "stuff_logits": ((b, h, w, t + d["S"]), F32),
         "srm_logits": ((b, h, w, t), F32),
         "srm_labels": ((b, h, w), I32),
