@@ -208,9 +208,11 @@ def top_ops(trace_dir: str, sources: Mapping[str, str], n: int = 25) -> dict[str
     """Device time per HLO op from the ``.xplane.pb`` that `jax.profiler.trace` wrote.
 
     Events are read with ``jax.profiler.ProfileData``. Only events named after an instruction
-    of the profiled program are counted (on a GPU, the 'XLA Ops' line of each device plane when
-    there is one; on the CPU, the XLA worker threads). Each op gets the source path of
-    `sources` (from `hlo_sources`) and its model part (`model_part`).
+    of the profiled program are counted (with an accelerator, the device planes only, and their
+    'XLA Ops' lines when there are; on the CPU, the XLA worker threads). Each op gets the
+    source path of `sources` (from `hlo_sources`) and its model part (`model_part`). An op
+    nested in another (the body of a while loop) counts in both. When no event matches, the
+    device events are listed by their own names ('device_events').
 
     Args:
       trace_dir: the folder given to ``jax.profiler.trace``.
@@ -230,15 +232,23 @@ def top_ops(trace_dir: str, sources: Mapping[str, str], n: int = 25) -> dict[str
         data = jax.profiler.ProfileData.from_file(files[-1])
         ms: collections.Counter = collections.Counter()
         count: collections.Counter = collections.Counter()
-        for plane in data.planes:
+        raw: collections.Counter = collections.Counter()  # device events of any name
+        planes = list(data.planes)
+        # With an accelerator, its planes only (host-side launch events may share op names).
+        devices = [p for p in planes if p.name.startswith("/device:")]
+        for plane in devices or planes:
             lines = list(plane.lines)
             xla_ops = [ln for ln in lines if ln.name == "XLA Ops"]
+            on_device = plane.name.startswith("/device:")
             for line in xla_ops or lines:
                 for event in line.events:
-                    name = event.name.lstrip("%")
+                    # 'fusion.12', or '%fusion.12 = f32[..] fusion(..)' in some profiler builds.
+                    name = event.name.split(" = ", 1)[0].strip().lstrip("%")
                     if name in sources:
                         ms[name] += event.duration_ns / 1e6
                         count[name] += 1
+                    elif on_device and line.name not in ("XLA Modules", "Steps"):
+                        raw[event.name] += event.duration_ns / 1e6
     except Exception as e:  # noqa: BLE001 - a profiler build without ProfileData
         result["error"] = _error(e)
         return result
@@ -246,6 +256,7 @@ def top_ops(trace_dir: str, sources: Mapping[str, str], n: int = 25) -> dict[str
     result["total_ms"] = total
     if not total:
         result["error"] = "no event of the trace names an op of the profiled program"
+        result["device_events"] = [{"name": k[:200], "ms": t} for k, t in raw.most_common(n)]
         return result
     result["ops"] = [
         {
