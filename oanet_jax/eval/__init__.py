@@ -6,14 +6,21 @@
   mIoU): one evaluator each.
 * `report`: results.json, results.md, scalars. `evaluator`: the loop and its entry points
   (`evaluate_params` during training, `evaluate`, `evaluate_checkpoint`). `main`: the CLI.
+
+The entry points below are imported on first use (PEP 562), so that importing a submodule such
+as `oanet_jax.eval.inference` does not import the input pipeline (TensorFlow) or pycocotools:
+the accelerator benchmark runs on machines that have neither.
 """
 
-from oanet_jax.eval.evaluator import (
-    EvalRunner,
-    build_evaluators,
-    evaluate,
-    evaluate_checkpoint,
-    evaluate_params,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["EvalRunner", "build_evaluators", "evaluate", "evaluate_checkpoint", "evaluate_params"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("oanet_jax.eval.evaluator"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
