@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from oanet_jax.bench import timing
 from oanet_jax.data import spec as data_spec
 from oanet_jax.eval.inference import make_inference_fn
 from oanet_jax.modeling.build import build_model
@@ -62,13 +63,7 @@ _CPU_FAST_COMPILE = state.CPU_FAST_COMPILE
 def machine() -> dict[str, Any]:
     """The machine the figures come from: accelerator, host CPU, library versions."""
     devices = jax.devices()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = timing.cpu_name()
     versions = {}
     for name in ("jaxlib", "flax", "optax", "numpy"):
         try:

@@ -25,7 +25,6 @@ import importlib
 import json
 import os
 import pathlib
-import platform
 
 SECTIONS = ("ops", "pq", "model", "train", "flops")
 
@@ -35,13 +34,9 @@ def machine() -> dict:
     import jax
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    from oanet_jax.bench import timing
+
+    cpu = timing.cpu_name()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

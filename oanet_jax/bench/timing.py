@@ -7,6 +7,7 @@ on whatever the callable returns; torch CPU ops are synchronous).
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -14,7 +15,19 @@ from typing import Any
 
 import jax
 
-__all__ = ["Timing", "time_fn", "time_interleaved"]
+__all__ = ["Timing", "cpu_name", "time_fn", "time_interleaved"]
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            return names[0]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Timing(dict):

@@ -486,13 +486,13 @@ def test_merge_options_against_float64_reference(thing_pixels, unit):
         if margin < 2e-5:
             continue
         checked += 1
-        out = _merge(
-            inp,
+        options = dict(
             stuff_area_limit=limit,
             orig_shape=orig.astype(np.int32),
             thing_pixels=thing_pixels,
             stuff_area_unit=unit,
         )
+        out = _merge(inp, **options)
         np.testing.assert_array_equal(out["id_map"], ref_map, err_msg=f"seed {seed}")
         np.testing.assert_array_equal(out["segments"]["area"], ref_area, err_msg=f"seed {seed}")
         _check_table(out, inp)
@@ -505,14 +505,7 @@ def test_merge_options_against_float64_reference(thing_pixels, unit):
             stride=STRIDE,
             thing_pixels=thing_pixels,
         )
-        shared = _merge(
-            inp,
-            stuff_area_limit=limit,
-            orig_shape=orig.astype(np.int32),
-            thing_pixels=thing_pixels,
-            stuff_area_unit=unit,
-            stuff_label_map=labels,
-        )
+        shared = _merge(inp, **options, stuff_label_map=labels)
         np.testing.assert_array_equal(shared["id_map"], out["id_map"])
     assert checked >= 3
 
