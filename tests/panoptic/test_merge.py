@@ -440,18 +440,24 @@ def test_stuff_labels_equal_the_merge_stuff_assignment():
     assert set(np.unique(np.asarray(labels)[0])) <= {0, 1, 2}
 
 
+def _labels(inp: dict, **kwargs) -> jax.Array:
+    """`stuff_labels` of the test inputs (the argmax inference shares between the merges)."""
+    return pm.stuff_labels(
+        jnp.asarray(inp["stuff_logits"]),
+        jnp.asarray(inp["image_shape"]),
+        image_size=(HP, WP),
+        num_thing_classes=T,
+        stride=STRIDE,
+        **kwargs,
+    )
+
+
 def test_shared_stuff_label_map_gives_the_same_merge():
     """A merge given `stuff_labels`' output (the argmax shared by several orderings) equals the
     merge that computes the argmax itself, for both orderings."""
     for seed in (0, 1):
         inp = _random_inputs(seed)
-        labels = pm.stuff_labels(
-            jnp.asarray(inp["stuff_logits"]),
-            jnp.asarray(inp["image_shape"]),
-            image_size=(HP, WP),
-            num_thing_classes=T,
-            stride=STRIDE,
-        )
+        labels = _labels(inp)
         for key in (inp["order_key"], inp["det_scores"]):
             inp = {**inp, "order_key": key}
             want = _merge(inp, stuff_area_limit=60)
@@ -497,14 +503,7 @@ def test_merge_options_against_float64_reference(thing_pixels, unit):
         np.testing.assert_array_equal(out["segments"]["area"], ref_area, err_msg=f"seed {seed}")
         _check_table(out, inp)
         # The shared label map (as inference computes it once) gives the same merge.
-        labels = pm.stuff_labels(
-            jnp.asarray(inp["stuff_logits"]),
-            jnp.asarray(inp["image_shape"]),
-            image_size=(HP, WP),
-            num_thing_classes=T,
-            stride=STRIDE,
-            thing_pixels=thing_pixels,
-        )
+        labels = _labels(inp, thing_pixels=thing_pixels)
         shared = _merge(inp, **options, stuff_label_map=labels)
         np.testing.assert_array_equal(shared["id_map"], out["id_map"])
     assert checked >= 3
