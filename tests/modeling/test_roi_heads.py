@@ -415,3 +415,28 @@ def test_postprocess_jit_no_recompilation():
         _check_against_torchvision(outs[-1], ref)
     assert len(traces) == 1
     assert not np.array_equal(np.asarray(outs[0]["boxes"]), np.asarray(outs[1]["boxes"]))
+
+
+def test_deconv2x2_equals_flax_conv_transpose_and_torch():
+    """The einsum + depth-to-space deconv equals flax's ConvTranspose(transpose_kernel=True) with
+    the same parameters (same names, shapes and init) and torch's ConvTranspose2d(k=2, s=2)."""
+    from oanet_jax.modeling.roi_heads import Deconv2x2
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 6, 8)), jnp.float32)
+    ours = Deconv2x2(4)
+    variables = nn.meta.unbox(ours.init(jax.random.key(0), x))
+    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape)), variables)
+    flax_ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True)
+    ref_vars = flax_ref.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ref_vars) == jax.tree.map(jnp.shape, variables)
+    got = np.asarray(ours.apply(variables, x))
+    assert got.shape == (3, 10, 12, 4)
+    np.testing.assert_allclose(got, np.asarray(flax_ref.apply(variables, x)), rtol=1e-5, atol=1e-5)
+    conv = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+    kernel = np.asarray(variables["params"]["kernel"])  # [2, 2, out, in]
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
+        want = conv(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
