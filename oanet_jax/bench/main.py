@@ -8,6 +8,9 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   model  jitted ResNet-50 OANet inference on one 800x1344 image vs torchvision's
          maskrcnn_resnet50_fpn
   train  ResNet-50 train step at 1024x1024 vs torchvision's maskrcnn_resnet50_fpn training step
+  profile the train step broken into its parts (time and XLA FLOPs of each) beside torchvision's
+         pieces, a plain ResNet-50 + FPN on both sides, and the avoidable costs of issue 10
+         (512x512, batch 2 by default: `--set size=1024 --set batch=1`)
 
 Every section times with `oanet_jax.bench.timing` (medians, warm-up excluded), prints its result
 as JSON and writes it to OUT/SECTION.json with a description of the machine, so that
@@ -17,6 +20,7 @@ docs/BENCHMARKS.md cites the file each figure comes from. Needs the test extras 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib
 import json
@@ -24,7 +28,7 @@ import os
 import pathlib
 import platform
 
-SECTIONS = ("ops", "pq", "model", "train")
+SECTIONS = ("ops", "pq", "model", "train", "profile")
 
 
 def machine() -> dict:
@@ -59,12 +63,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sections", nargs="+", choices=SECTIONS)
     parser.add_argument("--out", default="docs/benchmarks", help="folder of the JSON results")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="keyword argument of every named section's run() (a Python literal), e.g. size=512",
+    )
     args = parser.parse_args(argv)
+    kwargs = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kwargs[name.strip()] = ast.literal_eval(value.strip())
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.sections:
         section = importlib.import_module(f"oanet_jax.bench.{name}")
-        result = {"section": name, "machine": machine(), "result": section.run()}
+        result = {"section": name, "machine": machine(), "result": section.run(**kwargs)}
         text = json.dumps(result, indent=1, default=float)
         print(text)
         (out / f"{name}.json").write_text(text + "\n")
