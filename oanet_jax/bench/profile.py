@@ -181,7 +181,10 @@ class _Ours:
 
     def apply(self, names: Sequence[str], sub: dict, method: Callable[..., Any], *args: Any):
         params = {**{k: v for k, v in self.params.items() if k not in names}, **sub}
-        return self.model.apply({"params": params}, *args, method=method)
+        variables = {"params": params}
+        if jax.tree.leaves(self.state.batch_stats):
+            variables["batch_stats"] = self.state.batch_stats  # FrozenBN statistics
+        return self.model.apply(variables, *args, method=method)
 
     def sub(self, names: Sequence[str]) -> dict:
         return {k: self.params[k] for k in names}
@@ -631,9 +634,11 @@ def plain_backbone(batch_images: np.ndarray, repeats: int, torchvision_side: boo
         jax.random.key(0), image
     )
     params = nn.meta.unbox(variables["params"])
+    stats = nn.meta.unbox({k: v for k, v in variables.items() if k != "params"})
 
     def objective(p, x):
-        return _half_sq(model.apply({"params": p}, x, method=lambda m, x: _backbone_fpn(m, x)))
+        v = {"params": p, **stats}
+        return _half_sq(model.apply(v, x, method=lambda m, x: _backbone_fpn(m, x)))
 
     run, cost = compile_part(jax.grad(objective), params, image)
     if not torchvision_side:
