@@ -28,6 +28,7 @@ design. The `avoidable` entry compares variants of the costs that issue 10 calls
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -164,6 +165,12 @@ def _measure(
     return _row(t["ours"], ours_cost, t["tv"], tv_flops)
 
 
+def _progress(name: str, row: dict) -> None:
+    """One line per measured part on stderr, so a long run shows its figures as it goes."""
+    brief = {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}
+    print(f"[profile] {name} {brief}", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------ our parts
 class _Ours:
     """Our model's parts as pure functions of (params subtree, inputs), plus the intermediates."""
@@ -244,6 +251,7 @@ def _our_parts(ours: _Ours, repeats: int, tv: _Torch | None, results: dict) -> d
 
     def record(name, run, cost):
         results[name] = _measure(run, cost, tv_fn(name), repeats)
+        _progress(name, results[name])
 
     # Backbone + FPN: gradient w.r.t. their parameters (the image needs none).
     names = ("backbone", "fpn")
@@ -725,11 +733,13 @@ def run(
     }
     if full_step:
         result["full_step"], inter["step_hlo"] = _full_step(ours, tv, repeats)
+        _progress("full_step", result["full_step"])
     if plain:
         image = ours_batch["image"] - np.asarray(config.data.pixel_mean, np.float32)
         result["plain_resnet50_fpn"] = plain_backbone(
             image.astype(np.float32), repeats, torchvision_side
         )
+        _progress("plain_resnet50_fpn", result["plain_resnet50_fpn"])
     if avoidable:
         result["avoidable"] = avoidable_costs(ours, inter, repeats, seg_chunk_rows)
         if memory_size:
