@@ -732,7 +732,7 @@ def run(
         "torchvision_gflop": sum(p.get("torchvision_gflop") or 0.0 for p in parts.values()),
     }
     if full_step:
-        result["full_step"], inter["step_hlo"] = _full_step(ours, tv, repeats)
+        result["full_step"] = _full_step(ours, tv, repeats)
         _progress("full_step", result["full_step"])
     if plain:
         image = ours_batch["image"] - np.asarray(config.data.pixel_mean, np.float32)
@@ -749,7 +749,7 @@ def run(
     return result
 
 
-def _full_step(ours: _Ours, tv: _Torch | None, repeats: int) -> tuple[dict, str]:
+def _full_step(ours: _Ours, tv: _Torch | None, repeats: int) -> dict:
     """The whole jitted train step (ours) and torchvision's training step, interleaved."""
     fn = step.jit_train_step(ours.model, ours.config, ours.mesh, ours.state_sharding)
     device_batch = sharding.shard_batch(
@@ -763,9 +763,8 @@ def _full_step(ours: _Ours, tv: _Torch | None, repeats: int) -> tuple[dict, str]
         holder["state"], metrics = compiled(holder["state"], device_batch)
         return metrics
 
-    hlo = compiled.as_text() or ""
     if tv is None:
-        return _measure(ours_step, cost, None, repeats), hlo
+        return _measure(ours_step, cost, None, repeats)
     model = tv.model
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     images, targets = tv.raw_images, tv.raw_targets
@@ -776,7 +775,7 @@ def _full_step(ours: _Ours, tv: _Torch | None, repeats: int) -> tuple[dict, str]
         loss.backward()
         opt.step()
 
-    return _measure(ours_step, cost, tv_step, repeats), hlo
+    return _measure(ours_step, cost, tv_step, repeats)
 
 
 # ------------------------------------------------------------------------ avoidable costs
@@ -938,23 +937,32 @@ def nms_costs(inter: dict, config: Any, repeats: int) -> dict:
     }
 
 
-def convert_ops(hlo_text: str, top: int = 8) -> dict:
-    """`convert` ops of an optimised HLO module: count, total bytes written, the largest ones."""
-    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "u8": 1, "s8": 1, "pred": 1}
+def convert_ops(stablehlo_text: str, top: int = 8) -> dict:
+    """``stablehlo.convert`` ops of a lowered module: count, bytes written, the largest ones.
+
+    Args:
+      stablehlo_text: ``jax.jit(f).lower(...).as_text()`` (before XLA's optimisations, which
+        may fuse a convert into its consumer but do not remove the conversion itself).
+      top: how many of the largest conversions to list.
+
+    Returns:
+      {'count', 'total_mb', 'largest': [{'from', 'to', 'bytes'}]}.
+    """
+    sizes = {"f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "ui8": 1, "i8": 1, "i1": 1}
     found = []
-    for line in hlo_text.splitlines():
-        if " convert(" not in line:
+    for line in stablehlo_text.splitlines():
+        if "stablehlo.convert" not in line or "->" not in line:
             continue
-        lhs = line.split("=", 1)[1].strip() if "=" in line else line
-        dtype_shape = lhs.split(" ", 1)[0]
-        if "[" not in dtype_shape:
-            continue
-        dtype, dims = dtype_shape.split("[", 1)
-        dims = dims.split("]", 1)[0]
-        count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        src = line.split(" convert(", 1)[1].split(")", 1)[0]
+        src, dst = (part.strip() for part in line.rsplit(":", 1)[1].split("->"))
+        dst_type = dst.strip().removeprefix("tensor<").split(">")[0]
+        *dims, dtype = dst_type.split("x")
+        count = int(np.prod([int(d) for d in dims])) if dims else 1
         found.append(
-            {"to": f"{dtype}[{dims}]", "from": src.strip(), "bytes": count * sizes.get(dtype, 4)}
+            {
+                "from": src.strip("() ").removeprefix("tensor<").rstrip(">"),
+                "to": dst_type,
+                "bytes": count * sizes.get(dtype, 4),
+            }
         )
     found.sort(key=lambda r: -r["bytes"])
     return {
@@ -962,6 +970,15 @@ def convert_ops(hlo_text: str, top: int = 8) -> dict:
         "total_mb": sum(r["bytes"] for r in found) / 2**20,
         "largest": found[:top],
     }
+
+
+def _step_stablehlo(ours: _Ours) -> str:
+    """The lowered (not compiled) train step of `ours` as StableHLO text."""
+    fn = step.jit_train_step(ours.model, ours.config, ours.mesh, ours.state_sharding)
+    device_batch = sharding.shard_batch(
+        {k: np.asarray(v) for k, v in ours.batch.items()}, ours.mesh
+    )
+    return fn.lower(ours.state, device_batch).as_text()
 
 
 def avoidable_costs(ours: _Ours, inter: dict, repeats: int, seg_chunk_rows: int) -> dict:
@@ -974,6 +991,5 @@ def avoidable_costs(ours: _Ours, inter: dict, repeats: int, seg_chunk_rows: int)
         "roi_align_samples": roi_align_costs(inter, config),
         "nms": nms_costs(inter, config, repeats),
     }
-    if inter.get("step_hlo"):
-        out["converts_in_step"] = convert_ops(inter["step_hlo"])
+    out["converts_in_step"] = convert_ops(_step_stablehlo(ours))
     return out

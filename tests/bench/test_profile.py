@@ -20,16 +20,16 @@ def test_cost_helpers_count_flops_and_converts():
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.ones(1, 3, 8, 8)
     assert profile.torch_flops(lambda: conv(x)) == 2 * 4 * 3 * 9 * 36
-    hlo = "\n".join(
-        [
-            "  %a = f32[2,3]{1,0} parameter(0)",
-            "  %convert.1 = bf16[2,3]{1,0} convert(f32[2,3]{1,0} %a)",
-            "  %convert.2 = s32[128,128]{1,0} convert(u8[128,128]{1,0} %p)",
-        ]
+    text = (
+        jax.jit(lambda a: (a.astype(jnp.int32) * 2).astype(jnp.bfloat16))
+        .lower(jnp.ones((128, 128), jnp.uint8))
+        .as_text()
     )
-    out = profile.convert_ops(hlo)
-    assert out["count"] == 2 and out["largest"][0]["to"] == "s32[128,128]"
-    assert out["largest"][0]["bytes"] == 4 * 128 * 128 and out["largest"][1]["bytes"] == 12
+    out = profile.convert_ops(text)
+    assert out["count"] == 2 and out["largest"][0]["to"] == "128x128xi32"
+    assert (
+        out["largest"][0]["bytes"] == 4 * 128 * 128 and out["largest"][1]["bytes"] == 2 * 128 * 128
+    )
 
 
 @pytest.mark.slow
