@@ -10,12 +10,13 @@ Inputs may be bfloat16; everything is cast to float32 first.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from oanet_jax.ops.resize import upsample_bilinear, upsample_bilinear_rows
+from oanet_jax.ops.resize import upsample_bilinear, upsample_bilinear_block
 
 Array = jax.Array
 
@@ -207,8 +208,11 @@ def semantic_loss(
     Memory: the full-resolution logits are ``Hp * Wp * K * 4`` bytes per image, 961 MB at
     1344 x 1344 x 133, and autodiff keeps a few such tensors (upsampled logits, softmax, their
     cotangents) per image, exactly as detectron2. ``chunk_rows=n`` instead processes ``n`` logit
-    rows (``scale * n`` label rows) at a time inside a rematerialised ``lax.map``, so only one
-    chunk is live at a time, forward and backward; the result is the same up to float rounding.
+    rows (``scale * n`` label rows) at a time in one ``lax.scan`` that computes each chunk's
+    upsample, log-softmax, label gather and (under reverse-mode autodiff) the gradient pulled
+    back to the stride-``scale`` logits in the same sweep, so the full-resolution logits never
+    exist and nothing is recomputed in the backward pass; the loss and its gradient equal the
+    one-shot ones up to float rounding.
 
     Args:
       logits: [B, h, w, K] float logits at stride ``scale``.
@@ -236,18 +240,94 @@ def semantic_loss(
     n = int(chunk_rows)
     if n <= 0 or h % n:
         raise ValueError(f"chunk_rows={chunk_rows} must divide the logit height {h}")
+    return _chunked_cross_entropy_sum(logits, labels, valid, n, scale) / count
+
+
+def _chunk_pass(
+    logits: Array, labels: Array, valid: Array, n: int, scale: int, with_grad: bool
+) -> tuple[Array, Array | None]:
+    """One sweep over chunks of ``n`` logit rows: CE sum, and optionally its logit gradient.
+
+    Per chunk, the ``n + 2`` logit rows it needs (edge-replicated at the map's ends) are
+    upsampled (`oanet_jax.ops.resize.upsample_bilinear_block`, bit-identical to the full
+    upsample's rows), the CE is summed over its valid pixels and, with `with_grad`, the gradient
+    ``valid * (softmax - onehot)`` of that sum w.r.t. the chunk's upsampled logits is pulled back
+    through the upsample onto the ``n + 2`` rows and added into a [B, h + 2, w, K] accumulator.
+    Only one chunk's full-resolution logits exist at a time, and the gradient needs no second
+    pass (no recomputation of the upsample or the log-sum-exp).
+
+    Returns:
+      (float32 CE sum, [B, h, w, K] float32 gradient of it w.r.t. `logits`, or None).
+    """
+    b, h, w, k = logits.shape
     num_chunks = h // n
-    starts = jnp.arange(num_chunks) * n
-    label_chunks = labels.reshape(b, num_chunks, scale * n, scale * w).swapaxes(0, 1)
-    valid_chunks = valid.reshape(b, num_chunks, scale * n, scale * w).swapaxes(0, 1)
+    padded = jnp.pad(logits, ((0, 0), (1, 1), (0, 0), (0, 0)), mode="edge")  # [B, h + 2, w, K]
+    shape = (b, num_chunks, scale * n, scale * w)
+    label_chunks = labels.reshape(shape).swapaxes(0, 1)
+    valid_chunks = valid.reshape(shape).swapaxes(0, 1)
+    classes = jnp.arange(k, dtype=jnp.int32)
 
-    @jax.checkpoint
-    def chunk_loss(start: Array, lab: Array, val: Array) -> Array:
-        up = upsample_bilinear_rows(logits, start, n, scale)  # [B, scale * n, scale * w, K]
-        return _cross_entropy_sum(up, lab, val)
+    def body(carry, xs):
+        total, acc = carry
+        start, lab, val = xs
+        block = jax.lax.dynamic_slice_in_dim(padded, start, n + 2, axis=1)
+        up, pullback = jax.vjp(lambda x: upsample_bilinear_block(x, scale), block)
+        lse = jax.nn.logsumexp(up, axis=-1)
+        idx = jnp.clip(lab, 0, k - 1)
+        picked = jnp.take_along_axis(up, idx[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum(jnp.where(val, lse - picked, 0.0))
+        if with_grad:
+            onehot = (classes == idx[..., None]).astype(jnp.float32)
+            g = jnp.where(val[..., None], jnp.exp(up - lse[..., None]) - onehot, 0.0)
+            (g_block,) = pullback(g)
+            here = jax.lax.dynamic_slice_in_dim(acc, start, n + 2, axis=1)
+            acc = jax.lax.dynamic_update_slice_in_dim(acc, here + g_block, start, axis=1)
+        return (total, acc), None
 
-    sums = jax.lax.map(lambda xs: chunk_loss(*xs), (starts, label_chunks, valid_chunks))
-    return jnp.sum(sums) / count
+    acc0 = jnp.zeros(padded.shape if with_grad else (0,), jnp.float32)
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * n
+    (total, acc), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), acc0), (starts, label_chunks, valid_chunks)
+    )
+    if not with_grad:
+        return total, None
+    # Fold the edge-copy rows back onto the first and last rows they replicate.
+    grad = acc[:, 1 : h + 1]
+    grad = grad.at[:, 0].add(acc[:, 0]).at[:, h - 1].add(acc[:, h + 1])
+    return total, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_cross_entropy_sum(
+    logits: Array, labels: Array, valid: Array, n: int, scale: int
+) -> Array:
+    """CE sum over the valid pixels of the x`scale` upsampled logits, ``n`` logit rows at a time.
+
+    Args:
+      logits: [B, h, w, K] float32 logits at stride `scale`.
+      labels: [B, scale * h, scale * w] int32 labels.
+      valid: [B, scale * h, scale * w] bool.
+      n: static logit rows per chunk (divides h).
+      scale: static upsampling factor.
+
+    Returns:
+      float32 scalar. Reverse-mode differentiable w.r.t. `logits` (the gradient is computed in
+      the same sweep as the forward value, see :func:`_chunk_pass`).
+    """
+    return _chunk_pass(logits, labels, valid, n, scale, with_grad=False)[0]
+
+
+def _chunked_ce_fwd(logits, labels, valid, n, scale):
+    total, grad = _chunk_pass(logits, labels, valid, n, scale, with_grad=True)
+    return total, grad
+
+
+def _chunked_ce_bwd(n, scale, grad, cotangent):
+    del n, scale
+    return cotangent * grad, None, None
+
+
+_chunked_cross_entropy_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def srm_loss(logits: Array, labels: Array, *, ignore_label: int = 255) -> Array:

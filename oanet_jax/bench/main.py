@@ -10,6 +10,9 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   train  ResNet-50 train step at 1024x1024 vs torchvision's maskrcnn_resnet50_fpn training step
   flops  FLOPs per training image (XLA cost analysis, by module) at 512x512, batch 2, 8 boxes per
          image vs torchvision's maskrcnn_resnet50_fpn (FlopCounterMode); counts, not times
+  profile the train step broken into its parts (time and XLA FLOPs of each) beside torchvision's
+         pieces, a plain ResNet-50 + FPN on both sides, and the avoidable costs of issue 10
+         (512x512, batch 2 by default: `--set size=1024 --set batch=1`)
 
 Every timed section times with `oanet_jax.bench.timing` (medians, warm-up excluded; the flops
 section counts, it does not time). Each prints its result as JSON and writes it to
@@ -20,13 +23,14 @@ each figure comes from. Needs the test extras (torch).
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib
 import json
 import os
 import pathlib
 
-SECTIONS = ("ops", "pq", "model", "train", "flops")
+SECTIONS = ("ops", "pq", "model", "train", "flops", "profile")
 
 
 def machine() -> dict:
@@ -57,12 +61,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sections", nargs="+", choices=SECTIONS)
     parser.add_argument("--out", default="docs/benchmarks", help="folder of the JSON results")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="keyword argument of every named section's run() (a Python literal), e.g. size=512",
+    )
     args = parser.parse_args(argv)
+    kwargs = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        kwargs[name.strip()] = ast.literal_eval(value.strip())
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.sections:
         section = importlib.import_module(f"oanet_jax.bench.{name}")
-        result = {"section": name, "machine": machine(), "result": section.run()}
+        result = {"section": name, "machine": machine(), "result": section.run(**kwargs)}
         text = json.dumps(result, indent=1, default=float)
         print(text)
         (out / f"{name}.json").write_text(text + "\n")

@@ -33,6 +33,7 @@ __all__ = [
     "nearest_source_index",
     "resize_bilinear",
     "upsample_bilinear",
+    "upsample_bilinear_block",
     "upsample_bilinear_rows",
 ]
 
@@ -206,4 +207,29 @@ def upsample_bilinear_rows(
     height = x.shape[row_axis]
     rows = jnp.clip(start - 1 + jnp.arange(int(num_rows) + 2), 0, height - 1)
     padded = jnp.take(x, rows, axis=row_axis)  # [B, num_rows + 2, w, C]
-    return _upsample_row_padded(padded, (fh, fw), row_axis, col_axis)
+    return upsample_bilinear_block(padded, (fh, fw), axes=(row_axis, col_axis))
+
+
+def upsample_bilinear_block(
+    block: jax.Array, factor: int | Sequence[int], *, axes: Sequence[int] = (-3, -2)
+) -> jax.Array:
+    """:func:`upsample_bilinear` of a block of input rows that carries one neighbour row each side.
+
+    ``block`` holds input rows ``start - 1 ... start + n`` of a map (edge copies where they fall
+    outside it, as rows ``clip(start - 1 + arange(n + 2), 0, h - 1)``); the result is output rows
+    ``fh * start ... fh * (start + n) - 1`` of the whole map's upsample, bit-identical (this is
+    what :func:`upsample_bilinear_rows` computes after its gather). Only slices and
+    elementwise sums, so its VJP (w.r.t. the block) is cheap: a fused loss can pull a chunk's
+    cotangent back onto ``n + 2`` input rows without touching the rest of the map.
+
+    Args:
+      block: float array with spatial axes `axes`: [B, n + 2, w, C] with the default.
+      factor: static integer scale factor, or (rows, cols) factors.
+      axes: the (row, column) axes of `block`.
+
+    Returns:
+      `block`'s dtype, [B, fh * n, fw * w, C].
+    """
+    fh, fw = _pair(factor, "factor")
+    row_axis, col_axis = _spatial_axes(block, axes)
+    return _upsample_row_padded(jnp.asarray(block), (fh, fw), row_axis, col_axis)

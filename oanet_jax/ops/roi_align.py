@@ -41,8 +41,8 @@ and scale, so each box is pooled exactly once.
 Interpolation weights and accumulation are float32 whatever the feature dtype (bf16 accepted);
 the result has the feature dtype. Gradients (reverse mode, a custom VJP) w.r.t. the features are
 the transpose of the gathers, i.e. torchvision's backward, accumulated by one running scatter-add
-per tap; as in torchvision no gradient flows to the boxes (their cotangent is zero). Forward-mode
-differentiation (jvp) is not defined.
+per tap, over the samples that some box uses only; as in torchvision no gradient flows to the
+boxes (their cotangent is zero). Forward-mode differentiation (jvp) is not defined.
 """
 
 from __future__ import annotations
@@ -289,20 +289,30 @@ def _unpool(cotangent: jax.Array, taps: _Taps, n_grid: int, num_rows: int) -> ja
     """Transpose of :func:`_pool`: [M, oh, ow, C] cotangent -> [R, C] float32 buffer gradient.
 
     One running scatter-add per tap (a loop over sample rows keeps the program small), instead
-    of autodiff's one zero-initialised buffer per tap summed afterwards.
+    of autodiff's one zero-initialised buffer per tap summed afterwards. Samples past the last
+    one that carries a weight for any box (the adaptive grid is allocated at the cap and masked
+    per box, and most boxes use far fewer samples) only ever add zeros, so the loops over sample
+    rows and columns stop there: the same sums, without the zero scatters.
     """
     channels = cotangent.shape[-1]
     cotangent = cotangent.astype(jnp.float32)
 
-    def body(iy: jax.Array, grad: jax.Array) -> jax.Array:
-        for ix in range(n_grid):
+    def extent(weights: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """1 + the last sample index (along one axis) with a nonzero weight for some box."""
+        live = jnp.any((weights[0] != 0) | (weights[1] != 0), axis=(0, 1))  # [G]
+        return jnp.max(jnp.where(live, jnp.arange(1, n_grid + 1, dtype=jnp.int32), 0))
+
+    def row(iy: jax.Array, grad: jax.Array) -> jax.Array:
+        def col(ix: jax.Array, grad: jax.Array) -> jax.Array:
             for index, weight in _sample_taps(taps, iy, ix):
                 update = (cotangent * weight[..., None]).reshape(-1, channels)
                 grad = grad.at[index.reshape(-1)].add(update, mode="clip")
-        return grad
+            return grad
+
+        return jax.lax.fori_loop(0, extent(taps.wx), col, grad)
 
     grad = jnp.zeros((num_rows, channels), jnp.float32)
-    return jax.lax.fori_loop(0, n_grid, body, grad)
+    return jax.lax.fori_loop(0, extent(taps.wy), row, grad)
 
 
 def _grid_size(config: _Config) -> int:

@@ -104,3 +104,15 @@ def test_nearest_source_index_pixel_centre_rule():
     np.testing.assert_array_equal(
         np.asarray(resize.nearest_source_index(jnp.arange(3), 5, 3)), [0, 2, 4]
     )
+
+
+def test_upsample_bilinear_block_is_rows_of_the_full_upsample():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 5, 3)).astype(np.float32))
+    full = resize.upsample_bilinear(x, 4)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)), mode="edge")
+    for start, n in ((0, 2), (3, 3), (5, 2)):
+        block = padded[:, start : start + n + 2]
+        got = resize.upsample_bilinear_block(block, 4)
+        np.testing.assert_array_equal(
+            np.asarray(got), np.asarray(full[:, 4 * start : 4 * (start + n)])
+        )
