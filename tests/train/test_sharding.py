@@ -108,7 +108,7 @@ def _synthetic_batch(cfg, b, rng):
     batch = data_spec.zeros_batch(cfg.data, b, train=True)
     h, w = batch["semantic"].shape[1:]
     m = batch["valid"].shape[1]
-    batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
+    batch["image"] = rng.integers(0, 256, size=batch["image"].shape, dtype=np.uint8)
     batch["image_id"] = np.arange(b, dtype=np.int64)  # a host-side key rides along
     batch["boxes"][:] = np.array([4, 4, 30, 40], np.float32)
     batch["valid"][:] = np.arange(m) < 2
@@ -188,7 +188,7 @@ def batches(tmp_path_factory):
     assert all(b["image"].shape == (8, 64, 64, 3) for b in out)
     assert all(b["valid"].any() for b in out)
     bad = {k: v.copy() for k, v in out[0].items()}
-    bad["image"][3, 10:20, 10:20] = np.nan
+    bad["masks"][:] = np.nan  # uint8 images cannot hold a NaN; every valid mask does
     return root, out, bad
 
 
