@@ -8,6 +8,9 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   model  jitted ResNet-50 OANet inference on one 800x1344 image vs torchvision's
          maskrcnn_resnet50_fpn
   train  ResNet-50 train step at 1024x1024 vs torchvision's maskrcnn_resnet50_fpn training step
+  input  the training stream at paper defaults on the real COCO sample replicated 16 times vs
+         bare single-threaded PIL decoding of the same JPEG + PNG files: images/s, per core,
+         ratio, bytes per example
 
 Every section times with `oanet_jax.bench.timing` (medians, warm-up excluded), prints its result
 as JSON and writes it to OUT/SECTION.json with a description of the machine, so that
@@ -24,7 +27,7 @@ import os
 import pathlib
 import platform
 
-SECTIONS = ("ops", "pq", "model", "train")
+SECTIONS = ("ops", "pq", "model", "train", "input")
 
 
 def machine() -> dict:

@@ -100,10 +100,15 @@ def test_coco_sample_train_batches_match_transform(coco_sample_dir, check_paddin
             expected = np.stack([x1, ob[:, 1] * sy, x2, ob[:, 3] * sy], axis=1)
             np.testing.assert_allclose(ex["boxes"][:n], expected, rtol=1e-5, atol=1e-4)
             np.testing.assert_array_equal(ex["classes"][:n], rec["classes"])
-            # Everything equals the per-example transform of the same record and plan.
+            # Everything equals the host transform of the same record and plan, except the
+            # image: TF's bilinear resize vs PIL's fixed-point one, at most one level apart.
             ref = transforms.transform_record(rec, cfg, short_size=size, flip=flip)
             for k in ref:
-                np.testing.assert_array_equal(ex[k], ref[k], err_msg=k)
+                if k == "image":
+                    diff = np.abs(ex[k].astype(np.int16) - ref[k].astype(np.int16))
+                    assert ex[k].dtype == np.uint8 and diff.max() <= 1 and diff.mean() < 0.2
+                else:
+                    np.testing.assert_array_equal(ex[k], ref[k], err_msg=k)
             seen_flip.add(flip)
             seen_sizes.add(size)
     assert seen_flip == {False, True} and seen_sizes == {200, 240}
