@@ -331,8 +331,14 @@ def test_tfds_source_equals_reader_source(coco_sample_dir, tfds_coco_dir):
     assert a["example_valid"].tolist() == [True, True, False]
     order = np.argsort(a["image_id"][:2])  # TFDS stores examples in its own (hashed) order
     for k in a:
-        # Same pixels (both decode the JPEG with PIL), same semantic map, instances and crops.
-        np.testing.assert_array_equal(a[k][:2][order], b[k][:2], err_msg=k)
+        # Same semantic map, instances and crops; the same decoded pixels (PIL for TFDS, TF's
+        # accurate IDCT for the reader), resized by PIL (TFDS: the host transform) vs TF (the
+        # reader: the TF transform), at most one level apart.
+        if k == "image":
+            diff = np.abs(a[k][:2][order].astype(np.int16) - b[k][:2].astype(np.int16))
+            assert diff.max() <= 1 and diff.mean() < 0.2
+        else:
+            np.testing.assert_array_equal(a[k][:2][order], b[k][:2], err_msg=k)
         np.testing.assert_array_equal(a[k][2], b[k][2], err_msg=k)
 
     # Training: deterministic for a seed, a resume yields the later batches, hosts disjoint.
