@@ -3,15 +3,23 @@
 Sources (``config.data.source``):
 
 * ``'coco_panoptic'``: any dataset in COCO panoptic format read by
-  :class:`oanet_jax.data.coco_panoptic.CocoPanopticReader` (host-side numpy). Record indices flow
-  through tf.data and each example is read and transformed in ``tf.numpy_function``.
+  :class:`oanet_jax.data.coco_panoptic.CocoPanopticReader`. Record indices flow through tf.data;
+  per record, a small ``tf.numpy_function`` does the host-side metadata work
+  (:meth:`~oanet_jax.data.coco_panoptic.CocoPanopticReader.read_meta`: JSON checks, file headers,
+  segment table, instance run lengths) and every pixel is handled by TF ops
+  (:func:`oanet_jax.data.tf_transforms.transform_example`: decode, segment lookup and check,
+  resize, flip, mask crops), outside the GIL, so the map scales with host cores; examples are
+  padded to the spec in ``padded_batch``.
 * ``'tfds'``: TFDS ``coco/2017_panoptic`` prepared by the user under ``config.data.tfds_data_dir``
-  (:mod:`oanet_jax.data.tfds` maps a TFDS example to the same record dict as the reader).
+  (:mod:`oanet_jax.data.tfds` maps a TFDS example to the same record dict as the reader),
+  transformed on the host by :func:`oanet_jax.data.transforms.transform_record` in
+  ``tf.numpy_function``.
 
-Both sources share one per-example transform, :func:`oanet_jax.data.transforms.transform_record`
-(resize, flip, normalise, pad, crop; conventions in :mod:`oanet_jax.data.transforms`). Batches
-are dicts of numpy arrays via ``as_numpy_iterator`` with the keys, dtypes and static shapes of
-:mod:`oanet_jax.data.spec` (B = per-host batch).
+Both transforms follow the conventions of :mod:`oanet_jax.data.transforms` (the TF one equals the
+host one except the image's bilinear resize, TF's vs PIL's, at most one level apart). Images
+stay uint8; the model normalises them on the device. Batches are dicts of numpy arrays via
+``as_numpy_iterator`` with the keys, dtypes and static shapes of :mod:`oanet_jax.data.spec`
+(B = per-host batch).
 
 Order and determinism: raw-folder source, see :mod:`oanet_jax.data.ordering` (a pure function of
 ``(seed, position)``; ``start_step = k`` yields exactly batches ``k, k + 1, ...``). TFDS source:
