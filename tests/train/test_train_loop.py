@@ -258,12 +258,14 @@ config.checkpoint.every_steps = 1 if mode == "skip" else 2
 config.checkpoint.keep = 10
 
 def data_fn(config, *, batch_size, seed, start_step):
-    # The real pipeline's stream, with NaN instance masks in the batch of step `nan_step` (1-based).
+    # The real pipeline's stream, with a NaN pixel in the batch of step `nan_step` (1-based).
     for i, batch in enumerate(loop.train_batches(
             config, batch_size=batch_size, seed=seed, start_step=start_step)):
         if start_step + i + 1 == nan_step:
-            batch = dict(batch, masks=batch["masks"].copy())
-            batch["masks"][:] = float("nan")  # uint8 images cannot hold a NaN
+            # uint8 images cannot hold a NaN (the losses mask every other input): a float32
+            # image, which the model takes as already normalised (one more trace).
+            batch = dict(batch, image=batch["image"].astype("float32"))
+            batch["image"][0, 5, 7, 1] = float("nan")
         yield batch
 
 try:
