@@ -53,7 +53,7 @@ def preprocess_image(image: np.ndarray, config: Any, image_id: int = 0) -> dict[
       image_id: id carried in the batch.
 
     Returns:
-      The pipeline's batch dict with leading dimension 1 ('image' [1, Hp, Wp, 3] float32,
+      The pipeline's batch dict with leading dimension 1 ('image' [1, Hp, Wp, 3] uint8,
       'image_shape' [1, 2], 'orig_shape' [1, 2], ...; no ground truth).
     """
     image = np.asarray(image, np.uint8)

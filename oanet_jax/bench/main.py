@@ -13,6 +13,9 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   profile the train step broken into its parts (time and XLA FLOPs of each) beside torchvision's
          pieces, a plain ResNet-50 + FPN on both sides, and the avoidable costs of issue 10
          (512x512, batch 2 by default: `--set size=1024 --set batch=1`)
+  input  the training stream at paper defaults on the real COCO sample replicated 16 times vs
+         bare single-threaded PIL decoding of the same JPEG + PNG files: images/s, per core,
+         ratio, bytes per example
 
 Every timed section times with `oanet_jax.bench.timing` (medians, warm-up excluded; the flops
 section counts, it does not time). Each prints its result as JSON and writes it to
@@ -30,7 +33,7 @@ import json
 import os
 import pathlib
 
-SECTIONS = ("ops", "pq", "model", "train", "flops", "profile")
+SECTIONS = ("ops", "pq", "model", "train", "flops", "profile", "input")
 
 
 def machine() -> dict:

@@ -38,7 +38,7 @@ def make_batch(config, num_instances: int):
     mask_size = int(config.data.mask_size)
     ours = data_spec.zeros_batch(config.data, batch, train=True)
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, ours["image"].shape).astype(np.float32)
+    images = rng.integers(0, 256, ours["image"].shape, dtype=np.uint8)  # spec: uint8 RGB
     boxes = ours["boxes"]
     xy = rng.uniform(0, size * 0.6, (batch, num_instances, 2))
     wh = rng.uniform(32, size * 0.4, (batch, num_instances, 2))
@@ -67,7 +67,9 @@ def make_batch(config, num_instances: int):
                 "masks": torch.from_numpy(full),
             }
         )
-    torch_images = [torch.from_numpy(images[b]).permute(2, 0, 1) / 255.0 for b in range(batch)]
+    torch_images = [
+        torch.from_numpy(images[b]).permute(2, 0, 1).float() / 255.0 for b in range(batch)
+    ]
     return ours, torch_images, targets
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -299,6 +300,79 @@ def boxes_from_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes.reshape(n, 4), nonempty
 
 
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG file ends with its EOI marker (trailing zero padding allowed)."""
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def _png_complete(data: bytes) -> bool:
+    """Whether a PNG file ends with its IEND chunk."""
+    return data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def rle_string_to_counts(counts: bytes | str) -> np.ndarray:
+    """Run lengths of a COCO compressed RLE string (the ``counts`` of a compressed RLE).
+
+    The format of the COCO API: each run length is written in 5-bit groups, least significant
+    first, as characters ``48 + group`` with bit 0x20 marking a continuation and bit 0x10 of the
+    last group the sign; from the fourth run on, a length is stored as its difference to the
+    length two runs earlier.
+
+    Args:
+      counts: the compressed string (ASCII bytes or str).
+
+    Returns:
+      int64 [R] run lengths, the first one of zeros, alternating, column-major.
+
+    Raises:
+      ValueError: a string that does not end a value.
+    """
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    more = (c & 0x20) != 0
+    if more[-1]:
+        raise ValueError("compressed RLE string ends inside a value")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    group = np.repeat(np.arange(len(ends)), ends - starts + 1)
+    shift = 5 * (np.arange(len(c)) - starts[group])
+    x = np.add.reduceat((c & 0x1F) << shift, starts)
+    negative = (c[ends] & 0x10) != 0
+    x[negative] |= -1 << (shift[ends][negative] + 5)
+    out = x.copy()
+    out[1::2] = np.cumsum(x[1::2])  # lengths from the 4th on are deltas to two runs earlier
+    out[2::2] = np.cumsum(x[2::2])
+    return out
+
+
+def runs_to_box(counts: np.ndarray, height: int) -> tuple[float, float, float, float] | None:
+    """Tight x1y1x2y2 box of a column-major run-length mask (:func:`boxes_from_masks`' rule).
+
+    Args:
+      counts: [R] run lengths, the first of zeros, alternating.
+      height: H of the mask.
+
+    Returns:
+      (x1, y1, x2, y2) with x2 = max column + 1, y2 = max row + 1; None for an empty mask.
+    """
+    counts = np.asarray(counts, np.int64)
+    ends = np.cumsum(counts)
+    ones = np.flatnonzero((np.arange(len(counts)) % 2 == 1) & (counts > 0))
+    if ones.size == 0:
+        return None
+    last = ends[ones] - 1
+    first = last - counts[ones] + 1
+    x0, y0 = first // height, first % height
+    x1, y1 = last // height, last % height
+    multi = x1 > x0  # a run over a column boundary covers the last and the first row
+    top = np.where(multi, 0, y0).min()
+    bottom = np.where(multi, height - 1, y1).max()
+    return float(x0.min()), float(top), float(x1.max() + 1), float(bottom + 1)
+
+
 def _conversion_key(mode: str) -> str:
     if mode in ("L", "1", "I", "F") or mode.startswith("I;16"):
         return CONVERTED_PREFIX + "grayscale"
@@ -333,6 +407,7 @@ class CocoPanopticReader:
         skip_bad_records: bool = False,
         keep_empty_images: bool = True,
         max_instances: int | None = None,
+        run_cache_size: int = 1_000_000,
     ):
         """Loads the JSON files and indexes the records (images are read lazily).
 
@@ -347,6 +422,8 @@ class CocoPanopticReader:
             (``read`` always raises).
           keep_empty_images: keep images whose annotation has no segment.
           max_instances: a record with more instances is bad (``too_many_instances``).
+          run_cache_size: instances-JSON annotations whose run lengths :meth:`read_meta` keeps
+            after decoding them once (a few hundred bytes each; 0 disables the cache).
         """
         self.image_dir = pathlib.Path(image_dir)
         self.panoptic_json = pathlib.Path(panoptic_json)
@@ -358,6 +435,9 @@ class CocoPanopticReader:
         self.summary: collections.Counter[str] = collections.Counter()
         self._counted: dict[str, set[int]] = collections.defaultdict(set)
         self._lock = threading.Lock()
+        # Instances JSON: each annotation's run lengths and box, decoded once (read_meta).
+        self.run_cache_size = int(run_cache_size)
+        self._run_cache: dict[tuple[int, int], tuple] = {}
 
         pan = _load_json(self.panoptic_json)
         if not isinstance(pan, dict) or "images" not in pan or "annotations" not in pan:
@@ -575,12 +655,7 @@ class CocoPanopticReader:
         try:
             return self.read(index)
         except DataError as e:
-            if not self.skip_bad_records:
-                raise
-            iid = self.image_ids[index]
-            if iid not in self._counted[e.reason]:
-                logger.warning("Skipping bad record: %s", e)
-            self._count(e.reason, iid)
+            self.skip_or_raise(e, index)
             return None
 
     def read(self, index: int) -> dict[str, Any]:
@@ -595,52 +670,12 @@ class CocoPanopticReader:
         Raises:
           DataError: naming the file and the record, for any bad record.
         """
-        image_id = self.image_ids[index]
-        img_rec = self._images[image_id]
-        ann = self._annotations.get(image_id)
-        if ann is None:
-            raise DataError(
-                "image has no annotation record",
-                reason=MISSING_ANNOTATION,
-                path=self.panoptic_json,
-                image_id=image_id,
-            )
-        segments = self._check_segments(image_id, ann.get("segments_info", []))
-        if self.instances_json is not None:
-            n_inst = self._check_instance_annotations(image_id)
-        else:
-            n_inst = sum(self.categories.isthing[c] for _, c, _ in segments)
-        if self.max_instances is not None and n_inst > self.max_instances:
-            raise DataError(
-                f"{n_inst} instances, more than max_instances={self.max_instances}",
-                reason=TOO_MANY_INSTANCES,
-                path=self.instances_json or self.panoptic_json,
-                image_id=image_id,
-            )
-
-        image_path = self.image_dir / img_rec["file_name"]
+        image_id, img_rec, segments, image_path, png_path = self._check_record(index)
         image = self._read_image(image_path, image_id)
         h, w = image.shape[:2]
-        jh, jw = img_rec.get("height"), img_rec.get("width")
-        if (jh is not None and int(jh) != h) or (jw is not None and int(jw) != w):
-            raise DataError(
-                f"image is {h}x{w} (HxW) but its JSON record says {jh}x{jw}",
-                reason=SIZE_MISMATCH,
-                path=image_path,
-                image_id=image_id,
-            )
-
-        png_name = ann.get("file_name") or pathlib.Path(img_rec["file_name"]).stem + ".png"
-        png_path = self.panoptic_dir / png_name
+        self._check_image_size(img_rec, image_path, image_id, h, w)
         ids = self._read_png(png_path, image_id)
-        if ids.shape != (h, w):
-            raise DataError(
-                f"panoptic PNG is {ids.shape[0]}x{ids.shape[1]} (HxW) but image "
-                f"{img_rec['file_name']} is {h}x{w}",
-                reason=SIZE_MISMATCH,
-                path=png_path,
-                image_id=image_id,
-            )
+        self._check_png_size(png_path, image_id, img_rec, ids.shape, h, w)
 
         # Unique ids of the map, then per pixel the index of its id among them (searchsorted
         # against the few unique ids is much faster than np.unique's return_inverse).
@@ -651,19 +686,7 @@ class CocoPanopticReader:
         extra = np.setdiff1d(in_png, seg_ids)
         missing = np.setdiff1d(seg_ids, in_png)
         if extra.size or missing.size:
-            parts = []
-            if extra.size:
-                parts.append(f"segment ids {extra.tolist()} are in the PNG but not in the JSON")
-            if missing.size:
-                parts.append(f"segment ids {missing.tolist()} are in the JSON but not in the PNG")
-            bad = int(extra[0]) if extra.size else int(missing[0])
-            raise DataError(
-                "; ".join(parts) + f" (JSON {self.panoptic_json.name})",
-                reason=SEGMENT_MISMATCH,
-                path=png_path,
-                image_id=image_id,
-                segment_id=bad,
-            )
+            raise self.segment_mismatch_error(image_id, png_path, extra, missing)
         # uniq is sorted: position of each JSON segment among the unique ids.
         pos = np.searchsorted(uniq, seg_ids)
         lut = np.full(uniq.shape[0], VOID, np.uint8)
@@ -702,6 +725,315 @@ class CocoPanopticReader:
             "segment_ids": segment_ids.reshape(-1),
             "ann_ids": ann_ids.reshape(-1),
         }
+
+    # ---------------------------------------------------------- metadata (for the TF graph)
+
+    def _check_record(self, index: int) -> tuple[int, dict, list[tuple], pathlib.Path, Any]:
+        """The JSON checks of record ``index`` (no file is read).
+
+        Returns:
+          (image id, JSON image record, [(segment id, contiguous class, iscrowd)], image path,
+          panoptic PNG path).
+
+        Raises:
+          DataError: missing annotation, bad segments, unknown category, too many instances.
+        """
+        image_id = self.image_ids[index]
+        img_rec = self._images[image_id]
+        ann = self._annotations.get(image_id)
+        if ann is None:
+            raise DataError(
+                "image has no annotation record",
+                reason=MISSING_ANNOTATION,
+                path=self.panoptic_json,
+                image_id=image_id,
+            )
+        segments = self._check_segments(image_id, ann.get("segments_info", []))
+        if self.instances_json is not None:
+            n_inst = self._check_instance_annotations(image_id)
+        else:
+            n_inst = sum(self.categories.isthing[c] for _, c, _ in segments)
+        if self.max_instances is not None and n_inst > self.max_instances:
+            raise DataError(
+                f"{n_inst} instances, more than max_instances={self.max_instances}",
+                reason=TOO_MANY_INSTANCES,
+                path=self.instances_json or self.panoptic_json,
+                image_id=image_id,
+            )
+        png_name = ann.get("file_name") or pathlib.Path(img_rec["file_name"]).stem + ".png"
+        return (
+            image_id,
+            img_rec,
+            segments,
+            self.image_dir / img_rec["file_name"],
+            self.panoptic_dir / png_name,
+        )
+
+    @staticmethod
+    def _check_image_size(img_rec: dict, path: pathlib.Path, image_id: int, h: int, w: int):
+        jh, jw = img_rec.get("height"), img_rec.get("width")
+        if (jh is not None and int(jh) != h) or (jw is not None and int(jw) != w):
+            raise DataError(
+                f"image is {h}x{w} (HxW) but its JSON record says {jh}x{jw}",
+                reason=SIZE_MISMATCH,
+                path=path,
+                image_id=image_id,
+            )
+
+    @staticmethod
+    def _check_png_size(path, image_id, img_rec, png_hw: Sequence[int], h: int, w: int) -> None:
+        if tuple(png_hw) != (h, w):
+            raise DataError(
+                f"panoptic PNG is {png_hw[0]}x{png_hw[1]} (HxW) but image "
+                f"{img_rec['file_name']} is {h}x{w}",
+                reason=SIZE_MISMATCH,
+                path=path,
+                image_id=image_id,
+            )
+
+    def segment_mismatch_error(
+        self, image_id: int, png_path: PathLike, extra: Sequence[int], missing: Sequence[int]
+    ) -> DataError:
+        """The error of a PNG whose segment ids disagree with the JSON ``segments_info``.
+
+        Args:
+          image_id: the record's image id.
+          png_path: the panoptic PNG.
+          extra: sorted ids in the PNG but not in the JSON.
+          missing: sorted ids in the JSON but not in the PNG.
+
+        Returns:
+          The DataError (reason ``segment_mismatch``) naming both sides and the first bad id.
+        """
+        extra, missing = list(map(int, extra)), list(map(int, missing))
+        parts = []
+        if extra:
+            parts.append(f"segment ids {extra} are in the PNG but not in the JSON")
+        if missing:
+            parts.append(f"segment ids {missing} are in the JSON but not in the PNG")
+        return DataError(
+            "; ".join(parts) + f" (JSON {self.panoptic_json.name})",
+            reason=SEGMENT_MISMATCH,
+            path=png_path,
+            image_id=image_id,
+            segment_id=extra[0] if extra else missing[0],
+        )
+
+    def skip_or_raise(self, err: DataError, index: int) -> None:
+        """A bad record found outside :meth:`read`: counted (skip mode) or raised.
+
+        Raises:
+          DataError: ``err`` when ``skip_bad_records`` is False.
+        """
+        if not self.skip_bad_records:
+            raise err
+        iid = self.image_ids[index]
+        if iid not in self._counted[err.reason]:
+            logger.warning("Skipping bad record: %s", err)
+        self._count(err.reason, iid)
+
+    def maybe_read_meta(self, index: int) -> dict | None:
+        """``read_meta(index)``, or None for a bad record when ``skip_bad_records`` (counted)."""
+        try:
+            return self.read_meta(index)
+        except DataError as e:
+            self.skip_or_raise(e, index)
+            return None
+
+    def read_meta(self, index: int) -> dict[str, Any]:
+        """Record ``index`` for the TF transform: checked metadata and the undecoded files.
+
+        Everything of :meth:`read` that needs no pixel: the JSON checks, the file headers (format,
+        mode, size; a PNG's chunk CRCs; a JPEG's end marker), the segment table and, with an
+        instances JSON, the instance masks as run lengths (polygons rasterised by pycocotools,
+        compressed RLE expanded) with their tight boxes. Decoding, the segment lookup, the PNG's
+        consistency with the JSON (``segment_mismatch``, reported through
+        :meth:`segment_mismatch_error`) and the mask crops run as TF ops
+        (:mod:`oanet_jax.data.tf_transforms`). An image TF might not decode as PIL does (a mode
+        other than RGB / L / RGBA / LA, a format other than JPEG / PNG, or a file that looks
+        incomplete, where PIL names the file if it is bad) is decoded here with PIL, as
+        :meth:`read` does, and shipped raw.
+
+        Returns:
+          dict: ``image_id`` int, ``file_name`` str, ``height`` / ``width`` ints, ``image_data``
+          bytes (the encoded file, or raw RGB ``height * width * 3`` bytes), ``image_format``
+          int (0 raw, 1 JPEG, 2 PNG), ``png_data`` bytes (encoded RGB PNG), ``png_path`` str;
+          ``table_ids`` int32 [K + 1] (0 = void, then the JSON segment ids sorted ascending),
+          ``table_classes`` uint8 [K + 1] (255, then their contiguous classes); per instance
+          (N, order of :meth:`read`): ``classes`` int32, ``is_crowd`` bool, ``segment_ids``
+          int32, ``ann_ids`` int64, ``table_pos`` int32 (masks from the PNG: the instance's
+          position in the table, else -1), ``boxes`` float32 [N, 4] (instances JSON: from the
+          runs, the JSON bbox for an empty mask; from the PNG: zeros, made in TF),
+          ``run_lengths`` int32 [R] (column-major runs, each instance's starting with zeros, all
+          instances concatenated), ``run_counts`` int32 [N] (runs per instance).
+
+        Raises:
+          DataError: naming the file and the record, for any bad record :meth:`read` would
+            reject except a segment mismatch (checked on the decoded PNG in TF).
+        """
+        image_id, img_rec, segments, image_path, png_path = self._check_record(index)
+        image_data, image_format, (h, w) = self._probe_image(image_path, image_id)
+        self._check_image_size(img_rec, image_path, image_id, h, w)
+        png_data, png_hw = self._probe_png(png_path, image_id)
+        self._check_png_size(png_path, image_id, img_rec, png_hw, h, w)
+
+        order = sorted(range(len(segments)), key=lambda k: segments[k][0])
+        table_ids = np.array([0] + [segments[k][0] for k in order], np.int32)
+        table_classes = np.array([VOID] + [segments[k][1] for k in order], np.uint8)
+        position = {segments[k][0]: p + 1 for p, k in enumerate(order)}
+        if self.instances_json is not None:
+            runs, run_counts, classes, is_crowd, ann_ids, boxes = self._instance_runs(
+                image_id, h, w
+            )
+            segment_ids = np.full(len(classes), -1, np.int32)
+            table_pos = np.full(len(classes), -1, np.int32)
+        else:
+            thing = [seg for seg in segments if self.categories.isthing[seg[1]]]
+            classes = np.array([c for _, c, _ in thing], np.int32)
+            is_crowd = np.array([crowd for _, _, crowd in thing], bool)
+            segment_ids = np.array([sid for sid, _, _ in thing], np.int32)
+            ann_ids = np.full(len(thing), -1, np.int64)
+            table_pos = np.array([position[sid] for sid, _, _ in thing], np.int32)
+            boxes = np.zeros((len(thing), 4), np.float32)
+            runs = np.zeros(0, np.int32)
+            run_counts = np.zeros(len(thing), np.int32)
+        return {
+            "image_id": int(image_id),
+            "file_name": str(img_rec["file_name"]),
+            "height": int(h),
+            "width": int(w),
+            "image_data": image_data,
+            "image_format": int(image_format),
+            "png_data": png_data,
+            "png_path": str(png_path),
+            "table_ids": table_ids,
+            "table_classes": table_classes,
+            "classes": classes.reshape(-1),
+            "is_crowd": is_crowd.reshape(-1),
+            "segment_ids": segment_ids.reshape(-1),
+            "ann_ids": ann_ids.reshape(-1),
+            "table_pos": table_pos.reshape(-1),
+            "boxes": boxes.reshape(-1, 4),
+            "run_lengths": runs.reshape(-1),
+            "run_counts": run_counts.reshape(-1),
+        }
+
+    def _probe_image(self, path: pathlib.Path, image_id: int) -> tuple[bytes, int, tuple]:
+        """(bytes, format, (h, w)): the encoded file for TF (1 JPEG, 2 PNG), or PIL-decoded raw
+        RGB bytes (0)."""
+        if not path.is_file():
+            raise DataError(
+                "image file not found", reason=MISSING_IMAGE, path=path, image_id=image_id
+            )
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, mode, (w, h) = im.format, im.mode, im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(
+                f"cannot decode image: {e}", reason=BAD_IMAGE, path=path, image_id=image_id
+            ) from e
+        if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(data):
+            image_format = 1
+        elif fmt == "PNG" and mode in ("RGB", "L", "RGBA", "LA") and _png_complete(data):
+            image_format = 2
+        else:
+            image_format = 0
+        if image_format == 0 or h == 0 or w == 0:  # PIL decides (and names a bad file)
+            image = self._read_image(path, image_id)
+            return image.tobytes(), 0, image.shape[:2]
+        if mode != "RGB":
+            self._count(_conversion_key(mode), image_id)
+        return data, image_format, (h, w)
+
+    def panoptic_png(self, index: int) -> pathlib.Path:
+        """The panoptic PNG of record ``index`` (checks the record's JSON like :meth:`read`)."""
+        return self._check_record(index)[4]
+
+    def _probe_png(self, path: pathlib.Path, image_id: int) -> tuple[bytes, tuple[int, int]]:
+        """(bytes, (h, w)) of a panoptic PNG whose header and chunk CRCs are intact."""
+        if not path.is_file():
+            raise DataError(
+                "panoptic PNG not found", reason=MISSING_PNG, path=path, image_id=image_id
+            )
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format != "PNG" or im.mode != "RGB":
+                    raise ValueError(f"panoptic PNG must be an RGB PNG, got {im.format} {im.mode}")
+                w, h = im.size
+                im.verify()  # chunk structure and CRCs, without decompressing
+            if not _png_complete(data):
+                raise ValueError("no IEND chunk at the end of the file (truncated?)")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(
+                f"cannot decode panoptic PNG: {e}", reason=BAD_PNG, path=path, image_id=image_id
+            ) from e
+        return data, (h, w)
+
+    def _instance_runs(self, image_id: int, h: int, w: int) -> tuple[np.ndarray, ...]:
+        """The instances-JSON annotations of one image as column-major run lengths.
+
+        Returns:
+          (run lengths int32 [R], runs per instance int32 [N], classes int32 [N], is_crowd bool
+          [N], ann_ids int64 [N], boxes float32 [N, 4]); the masks are those of
+          :meth:`_instances_from_json`.
+        """
+        self._check_instances_size(image_id, h, w)
+        runs, run_counts, classes, crowd, ann_ids, boxes = [], [], [], [], [], []
+        empty = False
+        for j, ann in enumerate(self._inst_anns.get(image_id, [])):
+            aid = ann.get("id", -1)
+            key = (image_id, j)
+            cached = self._run_cache.get(key)
+            if cached is None:
+                counts, box = self._annotation_runs(ann, image_id, h, w)
+                if len(self._run_cache) < self.run_cache_size:
+                    self._run_cache[key] = (counts, box)
+            else:
+                counts, box = cached
+            if box is None:
+                x, y, bw, bh = (float(v) for v in ann.get("bbox", (0, 0, 0, 0)))
+                box = (x, y, x + bw, y + bh)
+                empty = True
+            runs.append(counts)
+            run_counts.append(len(counts))
+            classes.append(int(self._lookup[int(ann["category_id"])]))
+            crowd.append(bool(ann.get("iscrowd", 0)))
+            ann_ids.append(int(aid))
+            boxes.append(box)
+        if empty:
+            self._count(EMPTY_INSTANCE_MASK, image_id)
+        return (
+            np.concatenate(runs) if runs else np.zeros(0, np.int32),
+            np.array(run_counts, np.int32),
+            np.array(classes, np.int32),
+            np.array(crowd, bool),
+            np.array(ann_ids, np.int64),
+            np.array(boxes, np.float32).reshape(-1, 4),
+        )
+
+    def _annotation_runs(
+        self, ann: dict, image_id: int, h: int, w: int
+    ) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+        """One annotation's column-major run lengths (int32) and tight box (None: empty)."""
+        rle = self._annotation_rle(ann, image_id, h, w)
+        try:
+            if isinstance(rle["counts"], list):
+                counts = np.asarray(rle["counts"], np.int64)
+            else:
+                counts = rle_string_to_counts(rle["counts"])
+            if counts.ndim != 1 or (counts < 0).any() or int(counts.sum()) != h * w:
+                raise ValueError(f"run lengths sum to {int(counts.sum())}, not {h * w}")
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DataError(
+                f"cannot decode RLE: {e}",
+                reason=BAD_INSTANCE_ANNOTATION,
+                path=self.instances_json,
+                image_id=image_id,
+                ann_id=ann.get("id"),
+            ) from e
+        return counts.astype(np.int32), runs_to_box(counts, h)
 
     # ----------------------------------------------------------------------------- parsing
 
@@ -811,12 +1143,7 @@ class CocoPanopticReader:
             ) from e
         return rgb_to_id(rgb)
 
-    def _instances_from_json(
-        self, image_id: int, h: int, w: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Decodes the thing annotations of one image (polygons, RLE, crowd RLE)."""
-        from pycocotools import mask as mask_utils
-
+    def _check_instances_size(self, image_id: int, h: int, w: int) -> None:
         rec = self._inst_images[image_id]
         jh, jw = rec.get("height"), rec.get("width")
         if (jh is not None and int(jh) != h) or (jw is not None and int(jw) != w):
@@ -826,43 +1153,59 @@ class CocoPanopticReader:
                 path=self.instances_json,
                 image_id=image_id,
             )
+
+    def _annotation_rle(self, ann: dict, image_id: int, h: int, w: int) -> dict:
+        """One annotation's segmentation as an RLE dict: polygons merged by pycocotools
+        (compressed ``counts`` bytes), compressed RLE as bytes, uncompressed RLE as its list."""
+        from pycocotools import mask as mask_utils
+
+        aid = ann.get("id", -1)
+        seg = ann.get("segmentation")
+        try:
+            if isinstance(seg, list):  # polygons
+                return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+                size = [int(v) for v in seg["size"]]
+                if size != [h, w]:
+                    raise DataError(
+                        f"RLE size {size} but the image is {[h, w]}",
+                        reason=SIZE_MISMATCH,
+                        path=self.instances_json,
+                        image_id=image_id,
+                        ann_id=aid,
+                    )
+                counts = seg["counts"]
+                if isinstance(counts, list):  # uncompressed (crowd) RLE
+                    return {"size": size, "counts": [int(c) for c in counts]}
+                if isinstance(counts, str):
+                    counts = counts.encode("ascii")
+                return {"size": size, "counts": counts}
+            raise ValueError(f"unsupported segmentation {type(seg).__name__}")
+        except DataError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+            raise DataError(
+                f"cannot decode segmentation: {e}",
+                reason=BAD_INSTANCE_ANNOTATION,
+                path=self.instances_json,
+                image_id=image_id,
+                ann_id=aid,
+            ) from e
+
+    def _instances_from_json(
+        self, image_id: int, h: int, w: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Decodes the thing annotations of one image (polygons, RLE, crowd RLE)."""
+        from pycocotools import mask as mask_utils
+
+        self._check_instances_size(image_id, h, w)
         anns = self._inst_anns.get(image_id, [])
         rles, classes, crowd, ann_ids, json_boxes = [], [], [], [], []
         for ann in anns:
             aid = ann.get("id", -1)
-            seg = ann.get("segmentation")
-            try:
-                if isinstance(seg, list):  # polygons
-                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-                elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-                    size = [int(v) for v in seg["size"]]
-                    if size != [h, w]:
-                        raise DataError(
-                            f"RLE size {size} but the image is {[h, w]}",
-                            reason=SIZE_MISMATCH,
-                            path=self.instances_json,
-                            image_id=image_id,
-                            ann_id=aid,
-                        )
-                    if isinstance(seg["counts"], list):  # uncompressed (crowd) RLE
-                        rle = mask_utils.frPyObjects(seg, h, w)
-                    else:
-                        counts = seg["counts"]
-                        if isinstance(counts, str):
-                            counts = counts.encode("ascii")
-                        rle = {"size": size, "counts": counts}
-                else:
-                    raise ValueError(f"unsupported segmentation {type(seg).__name__}")
-            except DataError:
-                raise
-            except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
-                raise DataError(
-                    f"cannot decode segmentation: {e}",
-                    reason=BAD_INSTANCE_ANNOTATION,
-                    path=self.instances_json,
-                    image_id=image_id,
-                    ann_id=aid,
-                ) from e
+            rle = self._annotation_rle(ann, image_id, h, w)
+            if isinstance(rle["counts"], list):  # uncompressed (crowd) RLE
+                rle = mask_utils.frPyObjects(rle, h, w)
             rles.append(rle)
             classes.append(int(self._lookup[int(ann["category_id"])]))
             crowd.append(bool(ann.get("iscrowd", 0)))

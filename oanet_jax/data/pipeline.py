@@ -3,15 +3,23 @@
 Sources (``config.data.source``):
 
 * ``'coco_panoptic'``: any dataset in COCO panoptic format read by
-  :class:`oanet_jax.data.coco_panoptic.CocoPanopticReader` (host-side numpy). Record indices flow
-  through tf.data and each example is read and transformed in ``tf.numpy_function``.
+  :class:`oanet_jax.data.coco_panoptic.CocoPanopticReader`. Record indices flow through tf.data;
+  per record, a small ``tf.numpy_function`` does the host-side metadata work
+  (:meth:`~oanet_jax.data.coco_panoptic.CocoPanopticReader.read_meta`: JSON checks, file headers,
+  segment table, instance run lengths) and every pixel is handled by TF ops
+  (:func:`oanet_jax.data.tf_transforms.transform_example`: decode, segment lookup and check,
+  resize, flip, mask crops), outside the GIL, so the map scales with host cores; examples are
+  padded to the spec in ``padded_batch``.
 * ``'tfds'``: TFDS ``coco/2017_panoptic`` prepared by the user under ``config.data.tfds_data_dir``
-  (:mod:`oanet_jax.data.tfds` maps a TFDS example to the same record dict as the reader).
+  (:mod:`oanet_jax.data.tfds` maps a TFDS example to the same record dict as the reader),
+  transformed on the host by :func:`oanet_jax.data.transforms.transform_record` in
+  ``tf.numpy_function``.
 
-Both sources share one per-example transform, :func:`oanet_jax.data.transforms.transform_record`
-(resize, flip, normalise, pad, crop; conventions in :mod:`oanet_jax.data.transforms`). Batches
-are dicts of numpy arrays via ``as_numpy_iterator`` with the keys, dtypes and static shapes of
-:mod:`oanet_jax.data.spec` (B = per-host batch).
+Both transforms follow the conventions of :mod:`oanet_jax.data.transforms` (the TF one equals the
+host one except the image's bilinear resize, TF's vs PIL's, at most one level apart). Images
+stay uint8; the model normalises them on the device. Batches are dicts of numpy arrays via
+``as_numpy_iterator`` with the keys, dtypes and static shapes of :mod:`oanet_jax.data.spec`
+(B = per-host batch).
 
 Order and determinism: raw-folder source, see :mod:`oanet_jax.data.ordering` (a pure function of
 ``(seed, position)``; ``start_step = k`` yields exactly batches ``k, k + 1, ...``). TFDS source:
@@ -36,10 +44,11 @@ import numpy as np
 import PIL.Image
 import tensorflow as tf
 
-from oanet_jax.data import coco_panoptic, spec
+from oanet_jax.data import coco_panoptic, spec, tf_transforms
 from oanet_jax.data import tfds as tfds_lib
 from oanet_jax.data.ordering import TrainPlan, augmentation, eval_indices
-from oanet_jax.data.transforms import TransformConfig, transform_record
+from oanet_jax.data.transforms import TransformConfig, resize_shape, transform_record
+from oanet_jax.ops.resize import nearest_indices
 
 _LOG = logging.getLogger(__name__)
 
@@ -120,6 +129,56 @@ def _numpy_map(fn: Callable[..., dict], inputs: list[tf.Tensor], cfg: TransformC
     return result
 
 
+def _meta_list(m: dict[str, Any]) -> list[np.ndarray]:
+    """The metadata dict as the numpy_function's outputs, in ``META_KEYS`` order."""
+    out = []
+    for k in tf_transforms.META_KEYS:
+        dtype = tf_transforms.META_SIGNATURE[k][0]
+        if dtype == tf.string:
+            out.append(np.array(m[k], dtype=object))  # object: keeps trailing NUL bytes
+        else:
+            out.append(np.asarray(m[k], dtype.as_numpy_dtype))
+    return out
+
+
+def _record_meta(
+    record: dict[str, Any], index: int, cfg: TransformConfig, short_size: int, flip: bool
+) -> dict[str, Any]:
+    """The TF transform's inputs from ``reader.read_meta(index)`` and the example's plan.
+
+    Raises:
+        ValueError: more instances than ``max_instances`` or a resized image larger than
+            ``image_size`` (as :func:`oanet_jax.data.transforms.transform_record`).
+    """
+    height, width = int(record["height"]), int(record["width"])
+    image_id = int(record["image_id"])
+    n = len(record["classes"])
+    hp, wp = cfg.image_size
+    if n > cfg.max_instances:
+        raise ValueError(
+            f"image id {image_id} ({record['file_name']}): {n} instances exceed "
+            f"max_instances={cfg.max_instances}"
+        )
+    new_h, new_w, scale = resize_shape(height, width, short_size, cfg.max_size)
+    if new_h > hp or new_w > wp:
+        raise ValueError(
+            f"image id {image_id}: resized to {new_h}x{new_w} (from {height}x{width}, short side "
+            f"{short_size}, max_size {cfg.max_size}), larger than image_size {hp}x{wp}"
+        )
+    return {
+        **record,
+        "ok": True,
+        "index": index,
+        "orig_shape": (height, width),
+        "new_shape": (new_h, new_w),
+        "scale": scale,
+        "flip": bool(flip),
+        "rows": nearest_indices(height, new_h),
+        "cols": nearest_indices(width, new_w),
+        "from_runs": record["table_pos"].size > 0 and record["table_pos"][0] < 0,
+    }
+
+
 class _SkipCounter:
     """Thread-safe count of records dropped by ``skip_bad_records``."""
 
@@ -134,10 +193,25 @@ class _SkipCounter:
         _LOG.warning("skipping bad record (%d so far): %s", count, message)
 
 
-def _finish(ds: tf.data.Dataset, batch_size: int, prefetch: int, drop_bad: bool) -> tf.data.Dataset:
+def _finish(
+    ds: tf.data.Dataset,
+    batch_size: int,
+    prefetch: int,
+    drop_bad: bool,
+    cfg: TransformConfig | None = None,
+) -> tf.data.Dataset:
+    """Filter (skipped records), batch (padded to the spec when ``cfg`` is given), prefetch."""
     if drop_bad:
         ds = ds.filter(lambda ex: ex["example_valid"])
-    ds = ds.batch(batch_size, drop_remainder=True)
+    if cfg is None:
+        ds = ds.batch(batch_size, drop_remainder=True)
+    else:  # the TF transform's examples: padded here, in the batch copy
+        ds = ds.padded_batch(
+            batch_size,
+            padded_shapes=tf_transforms.padded_shapes(cfg),
+            padding_values=tf_transforms.padding_values(cfg),
+            drop_remainder=True,
+        )
     options = tf.data.Options()
     options.deterministic = True
     ds = ds.with_options(options)
@@ -187,11 +261,7 @@ def dataset_from_reader(
         tf.data.Dataset of batch dicts.
     """
 
-    def load(index: int) -> dict[str, Any] | None:
-        if skip_bad_records:
-            return reader.maybe_read(index)  # None for a bad record (counted by the reader)
-        return reader.read(index)
-
+    plan = None
     if training:
         plan = TrainPlan(
             len(reader),
@@ -201,34 +271,50 @@ def dataset_from_reader(
             tuple(int(v) for v in train_sizes),
             bool(random_flip),
         )
-
-        def make(position):
-            index, flip, size, _ = plan(int(position))
-            record = load(index)
-            if record is None:
-                return spec.padding_example(cfg)
-            return transform_record(record, cfg, short_size=size, flip=flip)
-
         ds = tf.data.Dataset.counter(start=int(start_step) * int(batch_size), dtype=tf.int64)
     else:
         if start_step:
             raise ValueError("start_step is only meaningful in training")
-
-        def make(index):
-            index = int(index)
-            record = load(index) if index >= 0 else None
-            if record is None:
-                return spec.padding_example(cfg)
-            return transform_record(record, cfg, short_size=int(test_size), flip=False)
-
         indices = eval_indices(len(reader), process_index, process_count, batch_size)
         ds = tf.data.Dataset.from_tensor_slices(indices)
-    ds = ds.map(
-        lambda q: _numpy_map(make, [q], cfg),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return _finish(ds, batch_size, prefetch, drop_bad=training and skip_bad_records)
+
+    def meta(q) -> list[np.ndarray]:
+        if not _EXIT_GUARD.enter():
+            return _meta_list(tf_transforms.empty_meta())
+        try:
+            if plan is not None:
+                index, flip, size, _ = plan(int(q))
+            else:
+                index, flip, size = int(q), False, int(test_size)
+            if index < 0:  # eval padding
+                return _meta_list(tf_transforms.empty_meta())
+            read = reader.maybe_read_meta if skip_bad_records else reader.read_meta
+            record = read(index)
+            if record is None:  # a bad record, counted by the reader
+                return _meta_list(tf_transforms.empty_meta())
+            return _meta_list(_record_meta(record, index, cfg, size, flip))
+        finally:
+            _EXIT_GUARD.leave()
+
+    def segment_check(index, extra, missing) -> np.bool_:
+        index = int(index)
+        err = reader.segment_mismatch_error(
+            reader.image_ids[index], reader.panoptic_png(index), np.sort(extra), np.sort(missing)
+        )
+        reader.skip_or_raise(err, index)  # raises unless skipping
+        return np.bool_(False)
+
+    def mapper(q):
+        dtypes = [tf_transforms.META_SIGNATURE[k][0] for k in tf_transforms.META_KEYS]
+        flat = tf.numpy_function(meta, [q], dtypes, stateful=False)
+        m = {}
+        for k, t in zip(tf_transforms.META_KEYS, flat, strict=True):
+            t.set_shape(tf_transforms.META_SIGNATURE[k][1])
+            m[k] = t
+        return tf_transforms.transform_example(m, cfg, segment_check)
+
+    ds = ds.map(mapper, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(ds, batch_size, prefetch, drop_bad=training and skip_bad_records, cfg=cfg)
 
 
 def dataset_from_tfds_features(

@@ -7,8 +7,9 @@ that initialises the state), benchmarks and tests.
 Keys, dtypes and shapes of one batch (B = batch size, M = ``max_instances``, S = ``mask_size``,
 (Hp, Wp) = ``image_size``; an unbatched example drops the leading B):
 
-* ``image`` float32 [B, Hp, Wp, 3]: normalised (``(x - pixel_mean) / pixel_std`` in the configured
-  channel order), 0 in the padding at the bottom/right.
+* ``image`` uint8 [B, Hp, Wp, 3]: RGB, resized, 0 in the padding at the bottom/right. It reaches
+  the device as uint8 and is normalised there, inside the jitted step
+  (:func:`oanet_jax.data.transforms.normalize_image`, applied by the model's trunk).
 * ``semantic`` uint8 [B, Hp, Wp]: contiguous class ids, ``IGNORE_LABEL`` (255) = void / padding.
 * ``image_shape`` int32 [B, 2]: (h, w) of the resized image inside the padding.
 * ``orig_shape`` int32 [B, 2]: (H, W) of the original image.
@@ -85,7 +86,7 @@ TRAIN_KEYS = (
 )
 
 DTYPES: dict[str, np.dtype] = {
-    "image": np.dtype(np.float32),
+    "image": np.dtype(np.uint8),
     "semantic": np.dtype(np.uint8),
     "image_shape": np.dtype(np.int32),
     "orig_shape": np.dtype(np.int32),

@@ -1,4 +1,7 @@
-"""The per-example transform and its inverse (host-side numpy, deterministic, vectorised).
+"""The per-example transform, its inverse and the on-device image normalisation.
+
+The transform and its inverse are host-side numpy (deterministic, vectorised); the tf.data
+pipeline runs the same transform as TF ops (:mod:`oanet_jax.data.tf_transforms`).
 
 torchvision's ``GeneralizedRCNNTransform`` in spirit: what maps an image and its annotations into
 the model's padded frame (forward) and what maps the model's outputs back to the image (inverse)
@@ -16,9 +19,11 @@ Forward (:func:`transform_record`): a reader record -> one fixed-shape example o
    resized over original size).
 2. Horizontal flip (training, ``random_flip``): image, semantic and crops mirrored, boxes
    ``x1' = w - x2``, ``x2' = w - x1``.
-3. Normalise: RGB -> BGR when ``channel_order == 'BGR'``, then ``(x - pixel_mean) / pixel_std``
-   with mean/std given in the configured channel order. Pad with 0 at the bottom/right to
-   ``image_size``; the semantic map is padded with 255 (void).
+3. Pad the uint8 RGB image with 0 at the bottom/right to ``image_size``; the semantic map is
+   padded with 255 (void). The image stays uint8 (a quarter of float32's host-to-device bytes):
+   it is normalised on the device by :func:`normalize_image`, which the model's trunk applies
+   (RGB -> BGR when ``channel_order == 'BGR'``, ``(x - pixel_mean) / pixel_std``, 0 outside
+   ``image_shape``), so training, evaluation, prediction and export share one normalisation.
 4. Ground truth padded to ``max_instances`` rows with a ``valid`` mask; instance masks cropped to
    their boxes at ``mask_size`` (:func:`oanet_jax.ops.masks.crop_and_resize_masks_np`, the host
    twin of the on-device crop).
@@ -33,6 +38,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
@@ -145,21 +152,51 @@ def resize_nearest(label: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-def _normalise_into(image: np.ndarray, out: np.ndarray, cfg: TransformConfig) -> None:
-    """Writes ``(x - mean) / std`` of a uint8 RGB [h, w, 3] image into float32 ``out`` [h, w, 3].
+def normalize_image(
+    image: jax.Array,
+    image_shape: jax.Array,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    channel_order: str,
+) -> jax.Array:
+    """The model input from the batch's uint8 image (traced inside the jitted step).
 
-    The channels are reversed first when ``cfg.channel_order == 'BGR'``; mean and std are in
-    the configured channel order. Computed in float32, in place (no temporaries).
+    RGB -> BGR when ``channel_order == 'BGR'``, then ``(x - pixel_mean) / pixel_std`` in float32
+    (mean and std in the configured channel order), and 0 outside ``image_shape`` (the bottom /
+    right padding), exactly the values the host transform used to ship as float32.
+
+    A floating ``image`` is taken as already normalised and returned unchanged (callers that
+    feed the bare network, e.g. the converted-weights parity tests and the model benchmark).
+
+    Args:
+        image: uint8 [B, Hp, Wp, 3] RGB, as :mod:`oanet_jax.data.spec` declares it.
+        image_shape: int [B, 2], (h, w) of the image inside the padding.
+        pixel_mean: per-channel mean, in ``channel_order``.
+        pixel_std: per-channel std, in ``channel_order``.
+        channel_order: 'BGR' or 'RGB'.
+
+    Returns:
+        float32 [B, Hp, Wp, 3] (a floating input: itself).
     """
-    x = image[..., ::-1] if cfg.channel_order == "BGR" else image
-    np.subtract(x, np.asarray(cfg.pixel_mean, np.float32), out=out, dtype=np.float32)
-    np.divide(out, np.asarray(cfg.pixel_std, np.float32), out=out)
+    if jnp.issubdtype(image.dtype, jnp.floating):
+        return image
+    if channel_order not in ("BGR", "RGB"):
+        raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
+    x = image.astype(jnp.float32)
+    if channel_order == "BGR":
+        x = x[..., ::-1]
+    x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
+    hp, wp = image.shape[1], image.shape[2]
+    shape = jnp.asarray(image_shape, jnp.int32)
+    rows = jnp.arange(hp, dtype=jnp.int32)[None, :, None] < shape[:, 0, None, None]
+    cols = jnp.arange(wp, dtype=jnp.int32)[None, None, :] < shape[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], x, jnp.float32(0.0))
 
 
 def transform_record(
     record: dict[str, Any], cfg: TransformConfig, *, short_size: int, flip: bool
 ) -> dict[str, np.ndarray]:
-    """Resizes, flips, normalises and pads one record into a fixed-shape example.
+    """Resizes, flips and pads one record into a fixed-shape example (image stays uint8).
 
     See the module docstring for the exact conventions. Instance masks are cropped from the
     full-resolution masks in the original frame with the original boxes
@@ -218,7 +255,7 @@ def transform_record(
         crops = crops[:, :, ::-1]
 
     ex = spec.padding_example(cfg)
-    _normalise_into(resized, ex["image"][:new_h, :new_w], cfg)
+    ex["image"][:new_h, :new_w] = resized
     ex["semantic"][:new_h, :new_w] = semantic
     ex["image_shape"][:] = (new_h, new_w)
     ex["orig_shape"][:] = (height, width)

@@ -78,7 +78,7 @@ class InferenceFn:
           The device outputs (see `make_inference_fn`).
         """
         inputs = {
-            "image": np.asarray(batch["image"], np.float32),
+            "image": np.asarray(batch["image"]),  # uint8 (the batch spec), normalised on device
             "image_shape": np.asarray(batch["image_shape"], np.int32),
         }
         for key in self.batch_keys:

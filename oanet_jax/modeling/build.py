@@ -55,7 +55,8 @@ def section_to_dataclass(section: ml_collections.ConfigDict, cls: type[T], path:
 
 
 def build_model(config: ml_collections.ConfigDict) -> OANet:
-    """Builds OANet from a full config (uses `config.model` only).
+    """Builds OANet from a full config (`config.model`, and the input normalisation of
+    `config.data`: pixel mean/std and channel order, applied on device by the model).
 
     Args:
       config: a config from `configs/` (fields as in `configs/base.py`).
@@ -96,4 +97,17 @@ def build_model(config: ml_collections.ConfigDict) -> OANet:
         test_config=section("test"),
         dtype=dtype,
         param_dtype=param_dtype,
+        **_normalisation(config),
+    )
+
+
+def _normalisation(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The input normalisation of `config.data` (pixel mean/std, channel order), if it has one."""
+    d = config.get("data")
+    if d is None or "pixel_mean" not in d:
+        return {}
+    return dict(
+        pixel_mean=tuple(float(v) for v in d.pixel_mean),
+        pixel_std=tuple(float(v) for v in d.pixel_std),
+        channel_order=str(d.channel_order),
     )

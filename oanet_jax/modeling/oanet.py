@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oanet_jax import losses
+from oanet_jax.data.transforms import normalize_image
 from oanet_jax.modeling import srm as srm_lib
 from oanet_jax.modeling import targets as targets_lib
 from oanet_jax.modeling.config import (
@@ -127,6 +128,12 @@ class OANet(nn.Module):
     a FLOP count see the branch a batch takes (XLA costs a `conditional` as its dearest branch).
     Foreground beyond it would be dropped, so only for counting and tests. None =
     `mask_head.train_buckets`."""
+    pixel_mean: tuple[float, float, float] = (103.53, 116.28, 123.675)
+    """Per-channel mean of the input normalisation, in `channel_order` (`config.data`)."""
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-channel std of the input normalisation, in `channel_order` (`config.data`)."""
+    channel_order: str = "BGR"
+    """Channel order the backbone expects ('BGR': the uint8 RGB image is reversed)."""
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -219,7 +226,15 @@ class OANet(nn.Module):
         return losses.mask_loss(logits, classes[:, :k], targets, is_fg[:, :k])
 
     def _trunk(self, batch: dict[str, Array], train: bool) -> dict[str, Any]:
-        image = batch["image"]
+        # The one place where the batch's uint8 image becomes the normalised float input
+        # (training, evaluation, prediction and export all pass through here).
+        image = normalize_image(
+            batch["image"],
+            batch["image_shape"],
+            self.pixel_mean,
+            self.pixel_std,
+            self.channel_order,
+        )
         feats = self.backbone(image.astype(self.dtype), train=train)
         pyramid = self.fpn(feats)
         levels = [pyramid[f"p{k}"] for k in range(2, 7)]
@@ -247,8 +262,10 @@ class OANet(nn.Module):
         """Runs the network.
 
         Args:
-          batch: the input pipeline's batch (see `oanet_jax.data.pipeline`): 'image'
-            [B, Hp, Wp, 3] float32, 'image_shape' [B, 2] int32, and in training the ground truth
+          batch: the input pipeline's batch (see `oanet_jax.data.spec`): 'image'
+            [B, Hp, Wp, 3] uint8 RGB, normalised here (`data.transforms.normalize_image`; a
+            floating image is taken as already normalised), 'image_shape' [B, 2] int32, and in
+            training the ground truth
             'boxes' [B, M, 4], 'classes' [B, M], 'is_crowd' [B, M], 'valid' [B, M],
             'masks' [B, M, S, S], 'semantic' [B, Hp, Wp].
           train: training forward (targets, sampled RoIs) or inference.

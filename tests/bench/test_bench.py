@@ -117,3 +117,31 @@ def test_flops_section_tiny_bucket_below_unbucketed():
         for d in ("forward", "backward"):
             assert taken["by_module_per_image"][g][d] == full["by_module_per_image"][g][d]
     assert r["xla_conditional"]["counts"] == "max"
+
+
+def test_input_section_tiny(coco_sample_dir):
+    """The input section end to end at tiny sizes: both mask sources, the bare decode, bytes."""
+    from oanet_jax.bench import input as input_bench
+
+    data = dict(
+        image_size=(128, 128), min_size_train=(96,), max_size=128, max_instances=40, mask_size=8
+    )
+    r = input_bench.run(
+        copies=2,
+        batch_size=2,
+        batches_per_call=1,
+        repeats=1,
+        warmup_batches=1,
+        data=data,
+        sample=coco_sample_dir,
+    )
+    assert r["images"] == 4 and r["cores"] >= 1
+    for name in ("stream_instances_json", "stream_png"):
+        s = r[name]
+        assert s["images_per_s"] > 0 and s["ratio_to_bare_decode"] > 0
+        assert s["images_per_s_per_core"] == pytest.approx(s["images_per_s"] / r["cores"])
+    assert r["bare_decode_images_per_s"] > 0
+    assert r["bytes_per_image_uint8"] == 128 * 128 * 3
+    assert r["bytes_per_image_float32_before"] == 4 * 128 * 128 * 3
+    assert r["bytes_per_example"]["image"] == r["bytes_per_image_uint8"]
+    assert "image" in r["check_batch_keys"]

@@ -556,3 +556,66 @@ def test_instances_json_degenerate_polygons(coco_sample_dir, tmp_path):
     assert tri.sum() > 500 and tri[:50, :50].sum() == 0  # the 1-point part contributes nothing
     assert reader.summary[cp.EMPTY_INSTANCE_MASK] == 1
     assert "invalid_polygon_dropped=1" in reader.summary_line()
+
+
+# ------------------------------------------------- the TF pipeline: same errors, same counts
+
+
+def _eval_pipeline(reader, batch_size):
+    """The eval stream of the TF transform over ``reader`` (imports tensorflow after torch)."""
+    pytest.importorskip("torch")
+    from oanet_jax.data import pipeline, transforms
+
+    cfg = transforms.TransformConfig(
+        image_size=(128, 128), max_instances=40, mask_size=8, max_size=128
+    )
+    return pipeline.dataset_from_reader(
+        reader,
+        cfg,
+        training=False,
+        batch_size=batch_size,
+        seed=0,
+        test_size=96,
+        skip_bad_records=reader.skip_bad_records,
+    )
+
+
+@pytest.mark.parametrize("instances", [False, True], ids=["from_png", "from_instances_json"])
+def test_pipeline_skips_and_counts_every_reason(coco_sample_dir, tmp_path, instances):
+    """Every corruption, in the TF pipeline (metadata on the host, pixels in TF): the same
+    reasons counted as the reader's, the bad records padded, the good ones intact."""
+    cases = [c for c in CORRUPTIONS if c[2] == instances or not c[2]]
+    ds = _DS(tmp_path, coco_sample_dir, len(cases) + 1)
+    for k, (corrupt, _, _) in enumerate(cases, start=1):
+        corrupt(ds, k)
+    good = len(cases) + 1
+    reader = ds.reader(instances=instances, skip_bad_records=True)
+    batches = list(_eval_pipeline(reader, len(cases) + 1).as_numpy_iterator())
+    assert len(batches) == 1
+    (batch,) = batches
+    valid = batch["example_valid"].tolist()
+    by_id = dict(zip(reader.image_ids, valid, strict=False))
+    assert by_id.pop(good) and not any(by_id.values()), by_id
+    expected = collections.Counter(r for _, r, _ in cases)
+    assert reader.summary == expected
+    # The good record is a real example: instances, a resized image, a semantic map.
+    i = valid.index(True)
+    assert batch["valid"][i].sum() == ds.num_things and batch["image"][i].any()
+    assert (batch["semantic"][i] != 255).any() and batch["image_shape"][i].tolist() == [
+        85,
+        128,
+    ]  # max_size
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_extra_segment_in_png, _edit_segment_id_in_json, _truncate_jpeg, _garbage_png]
+)
+def test_pipeline_error_names_file_and_record(coco_sample_dir, tmp_path, corrupt):
+    import tensorflow as tf
+
+    ds = _DS(tmp_path, coco_sample_dir, 2)
+    fname, _ = corrupt(ds, 2)
+    with pytest.raises(tf.errors.OpError) as info:
+        list(_eval_pipeline(ds.reader(), 2).as_numpy_iterator())
+    msg = str(info.value)
+    assert fname in msg and "image_id=2" in msg, msg

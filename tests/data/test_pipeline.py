@@ -100,10 +100,15 @@ def test_coco_sample_train_batches_match_transform(coco_sample_dir, check_paddin
             expected = np.stack([x1, ob[:, 1] * sy, x2, ob[:, 3] * sy], axis=1)
             np.testing.assert_allclose(ex["boxes"][:n], expected, rtol=1e-5, atol=1e-4)
             np.testing.assert_array_equal(ex["classes"][:n], rec["classes"])
-            # Everything equals the per-example transform of the same record and plan.
+            # Everything equals the host transform of the same record and plan, except the
+            # image: TF's bilinear resize vs PIL's fixed-point one, at most one level apart.
             ref = transforms.transform_record(rec, cfg, short_size=size, flip=flip)
             for k in ref:
-                np.testing.assert_array_equal(ex[k], ref[k], err_msg=k)
+                if k == "image":
+                    diff = np.abs(ex[k].astype(np.int16) - ref[k].astype(np.int16))
+                    assert ex[k].dtype == np.uint8 and diff.max() <= 1 and diff.mean() < 0.2
+                else:
+                    np.testing.assert_array_equal(ex[k], ref[k], err_msg=k)
             seen_flip.add(flip)
             seen_sizes.add(size)
     assert seen_flip == {False, True} and seen_sizes == {200, 240}
@@ -326,8 +331,14 @@ def test_tfds_source_equals_reader_source(coco_sample_dir, tfds_coco_dir):
     assert a["example_valid"].tolist() == [True, True, False]
     order = np.argsort(a["image_id"][:2])  # TFDS stores examples in its own (hashed) order
     for k in a:
-        # Same pixels (both decode the JPEG with PIL), same semantic map, instances and crops.
-        np.testing.assert_array_equal(a[k][:2][order], b[k][:2], err_msg=k)
+        # Same semantic map, instances and crops; the same decoded pixels (PIL for TFDS, TF's
+        # accurate IDCT for the reader), resized by PIL (TFDS: the host transform) vs TF (the
+        # reader: the TF transform), at most one level apart.
+        if k == "image":
+            diff = np.abs(a[k][:2][order].astype(np.int16) - b[k][:2].astype(np.int16))
+            assert diff.max() <= 1 and diff.mean() < 0.2
+        else:
+            np.testing.assert_array_equal(a[k][:2][order], b[k][:2], err_msg=k)
         np.testing.assert_array_equal(a[k][2], b[k][2], err_msg=k)
 
     # Training: deterministic for a seed, a resume yields the later batches, hosts disjoint.

@@ -14,7 +14,7 @@ from oanet_jax.data import spec, transforms  # noqa: E402
 # The schema, written out independently of the module: (dtype, unbatched shape) with
 # Hp, Wp = 64, 96; M = 5; S = 8.
 PINNED = {
-    "image": (np.float32, (64, 96, 3)),
+    "image": (np.uint8, (64, 96, 3)),
     "semantic": (np.uint8, (64, 96)),
     "image_shape": (np.int32, (2,)),
     "orig_shape": (np.int32, (2,)),
@@ -56,7 +56,7 @@ def test_padding_example_and_zeros_batch():
     assert not pad["example_valid"] and pad["image_id"] == -1
     assert np.all(pad["semantic"] == spec.IGNORE_LABEL) and not np.any(pad["image"])
     assert not pad["valid"].any() and not pad["image_shape"].any()
-    pad["image"][0, 0, 0] = 1.0  # fresh writable arrays every call
+    pad["image"][0, 0, 0] = 1  # fresh writable arrays every call
     assert not spec.padding_example(CFG)["image"].any()
 
     zeros = spec.zeros_batch(CFG, 3)
@@ -79,12 +79,12 @@ def test_tensor_signature():
 
 def test_validate_names_every_problem():
     batch = spec.zeros_batch(CFG, 2)
-    batch["image"] = batch["image"].astype(np.uint8)
+    batch["image"] = batch["image"].astype(np.float32)
     batch["boxes"] = batch["boxes"][:, :4]
     del batch["masks"]
     batch["extra"] = np.zeros(2)
     with pytest.raises(ValueError) as err:
         spec.validate(batch, CFG, 2, train=True)
     msg = str(err.value)
-    for part in ("missing key 'masks'", "unexpected key 'extra'", "image: uint8", "boxes:"):
+    for part in ("missing key 'masks'", "unexpected key 'extra'", "image: float32", "boxes:"):
         assert part in msg, msg

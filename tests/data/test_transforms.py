@@ -137,7 +137,7 @@ def test_transform_record_shapes_padding_and_values(check_padding):
         mode="nearest-exact",
     )[0, 0].numpy()
     np.testing.assert_array_equal(ex["semantic"][:40, :67], sem)
-    # Image: torch bilinear resize, RGB -> BGR, (x - mean) / std.
+    # Image: uint8 RGB, torch bilinear resize (normalisation happens on device).
     ref = (
         F.interpolate(
             torch.as_tensor(rec["image"], dtype=torch.float64).permute(2, 0, 1)[None],
@@ -147,10 +147,10 @@ def test_transform_record_shapes_padding_and_values(check_padding):
             antialias=True,
         )[0]
         .permute(1, 2, 0)
-        .numpy()[..., ::-1]
+        .numpy()
     )
-    ref = (ref - np.asarray(SMALL.pixel_mean)) / np.asarray(SMALL.pixel_std)
-    err = np.abs(ex["image"][:40, :67] - ref) * np.asarray(SMALL.pixel_std)  # in uint8 levels
+    assert ex["image"].dtype == np.uint8
+    err = np.abs(ex["image"][:40, :67] - ref)  # in uint8 levels
     assert err.max() <= 1.0
     # Masks: the grid_sample crop of the full-resolution masks in the original boxes.
     np.testing.assert_allclose(
@@ -158,7 +158,8 @@ def test_transform_record_shapes_padding_and_values(check_padding):
     )
 
 
-def test_normalisation_channel_order():
+def test_normalize_image_channel_order_and_padding():
+    """On-device normalisation: the float32 values the host transform used to ship."""
     rec = _record(seed=4)
     for order in ("BGR", "RGB"):
         cfg = transforms.TransformConfig(
@@ -172,11 +173,23 @@ def test_normalisation_channel_order():
         )
         ex = transforms.transform_record(rec, cfg, short_size=30, flip=False)  # no resize
         assert ex["image_shape"].tolist() == [30, 50]
+        np.testing.assert_array_equal(ex["image"][:30, :50], rec["image"])
+        out = np.asarray(
+            transforms.normalize_image(
+                ex["image"][None], ex["image_shape"][None], cfg.pixel_mean, cfg.pixel_std, order
+            )
+        )[0]
+        assert out.dtype == np.float32 and out.shape == (32, 64, 3)
         rgb = rec["image"].astype(np.float32)
         x = rgb[..., ::-1] if order == "BGR" else rgb
         expected = (x - np.float32([1, 2, 3])) / np.float32([2, 3, 4])
-        np.testing.assert_allclose(ex["image"][:30, :50], expected, rtol=1e-6)
+        np.testing.assert_allclose(out[:30, :50], expected, rtol=1e-6)
+        assert not out[30:].any() and not out[:, 50:].any()  # padding exactly 0, as before
         np.testing.assert_array_equal(ex["semantic"][:30, :50], rec["semantic"])
+    floats = np.ones((1, 4, 4, 3), np.float32)  # already normalised: unchanged
+    assert transforms.normalize_image(floats, np.array([[2, 2]]), (0, 0, 0), (1, 1, 1), "BGR") is (
+        floats
+    )
 
 
 def test_flip_consistency(check_padding):

@@ -29,7 +29,7 @@ def fresh_variables(model, config):
     """
     hp, wp = config.data.image_size
     dummy = {
-        "image": jax.ShapeDtypeStruct((1, hp, wp, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((1, hp, wp, 3), jnp.uint8),
         "image_shape": jax.ShapeDtypeStruct((1, 2), jnp.int32),
     }
     shapes = jax.eval_shape(lambda b: model.init({"params": jax.random.key(0)}, b), dummy)

@@ -29,7 +29,7 @@ def test_stuff_argmax_is_shared_by_the_orderings(tiny_setup):
     config, model, variables, _ = tiny_setup
     hp, wp = config.data.image_size
     batch = {
-        "image": jnp.zeros((2, hp, wp, 3), jnp.float32),
+        "image": jnp.zeros((2, hp, wp, 3), jnp.uint8),
         "image_shape": jnp.asarray([[hp, wp], [40, 50]], jnp.int32),
         "orig_shape": jnp.asarray([[hp, wp], [80, 100]], jnp.int32),  # eval.stuff_area_pixels
     }

@@ -262,7 +262,9 @@ def data_fn(config, *, batch_size, seed, start_step):
     for i, batch in enumerate(loop.train_batches(
             config, batch_size=batch_size, seed=seed, start_step=start_step)):
         if start_step + i + 1 == nan_step:
-            batch = dict(batch, image=batch["image"].copy())
+            # uint8 images cannot hold a NaN (the losses mask every other input): a float32
+            # image, which the model takes as already normalised (one more trace).
+            batch = dict(batch, image=batch["image"].astype("float32"))
             batch["image"][0, 5, 7, 1] = float("nan")
         yield batch
 
