@@ -361,8 +361,9 @@ def _inference_one(config: Any, variables: Any, args: argparse.Namespace) -> dic
     size = int(config.data.image_size[0])
     rng = np.random.default_rng(1)
     host = {
-        "image": rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8),  # as the spec ships
         "image_shape": np.asarray([[size, size]], np.int32),
+        "orig_shape": np.asarray([[size, size]], np.int32),
     }
     placed = infer.put_variables(variables)
     t0 = time.perf_counter()
