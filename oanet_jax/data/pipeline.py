@@ -47,7 +47,7 @@ import tensorflow as tf
 from oanet_jax.data import coco_panoptic, spec, tf_transforms
 from oanet_jax.data import tfds as tfds_lib
 from oanet_jax.data.ordering import TrainPlan, augmentation, eval_indices
-from oanet_jax.data.transforms import TransformConfig, resize_shape, transform_record
+from oanet_jax.data.transforms import TransformConfig, checked_resize_shape, transform_record
 from oanet_jax.ops.resize import nearest_indices
 
 _LOG = logging.getLogger(__name__)
@@ -152,19 +152,9 @@ def _record_meta(
     """
     height, width = int(record["height"]), int(record["width"])
     image_id = int(record["image_id"])
-    n = len(record["classes"])
-    hp, wp = cfg.image_size
-    if n > cfg.max_instances:
-        raise ValueError(
-            f"image id {image_id} ({record['file_name']}): {n} instances exceed "
-            f"max_instances={cfg.max_instances}"
-        )
-    new_h, new_w, scale = resize_shape(height, width, short_size, cfg.max_size)
-    if new_h > hp or new_w > wp:
-        raise ValueError(
-            f"image id {image_id}: resized to {new_h}x{new_w} (from {height}x{width}, short side "
-            f"{short_size}, max_size {cfg.max_size}), larger than image_size {hp}x{wp}"
-        )
+    new_h, new_w, scale = checked_resize_shape(
+        cfg, image_id, record["file_name"], len(record["classes"]), height, width, short_size
+    )
     return {
         **record,
         "ok": True,

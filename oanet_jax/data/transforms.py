@@ -193,6 +193,39 @@ def normalize_image(
     return jnp.where((rows & cols)[..., None], x, jnp.float32(0.0))
 
 
+def checked_resize_shape(
+    cfg: TransformConfig,
+    image_id: int,
+    file_name: str,
+    num_instances: int,
+    height: int,
+    width: int,
+    short_size: int,
+) -> tuple[int, int, float]:
+    """`resize_shape`, after checking that the example fits the padded batch.
+
+    Returns:
+        (new_h, new_w, scale).
+
+    Raises:
+        ValueError: more instances than ``max_instances``, or a resized image larger than
+            ``image_size`` (the message names the image id and file).
+    """
+    hp, wp = cfg.image_size
+    if num_instances > cfg.max_instances:
+        raise ValueError(
+            f"image id {image_id} ({file_name}): {num_instances} instances exceed "
+            f"max_instances={cfg.max_instances}"
+        )
+    new_h, new_w, scale = resize_shape(height, width, short_size, cfg.max_size)
+    if new_h > hp or new_w > wp:
+        raise ValueError(
+            f"image id {image_id}: resized to {new_h}x{new_w} (from {height}x{width}, short side "
+            f"{short_size}, max_size {cfg.max_size}), larger than image_size {hp}x{wp}"
+        )
+    return new_h, new_w, scale
+
+
 def transform_record(
     record: dict[str, Any], cfg: TransformConfig, *, short_size: int, flip: bool
 ) -> dict[str, np.ndarray]:
@@ -225,26 +258,16 @@ def transform_record(
     image_id = int(record["image_id"])
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     n = boxes.shape[0]
-    hp, wp = cfg.image_size
-    m, s = cfg.max_instances, cfg.mask_size
-    if n > m:
-        raise ValueError(
-            f"image id {image_id} ({record.get('file_name', '?')}): {n} instances exceed "
-            f"max_instances={m}"
-        )
-    new_h, new_w, scale = resize_shape(height, width, short_size, cfg.max_size)
-    if new_h > hp or new_w > wp:
-        raise ValueError(
-            f"image id {image_id}: resized to {new_h}x{new_w} (from {height}x{width}, short side "
-            f"{short_size}, max_size {cfg.max_size}), larger than image_size {hp}x{wp}"
-        )
+    new_h, new_w, scale = checked_resize_shape(
+        cfg, image_id, record.get("file_name", "?"), n, height, width, short_size
+    )
 
     resized = resize_image(image, new_h, new_w)
     semantic = resize_nearest(np.asarray(record["semantic"], np.uint8), new_h, new_w)
     sx, sy = new_w / width, new_h / height
     out_boxes = boxes * np.asarray([sx, sy, sx, sy], np.float32)
     full_masks = np.asarray(record["masks"]).reshape(n, height, width)
-    crops = crop_and_resize_masks_np(full_masks, boxes, s)
+    crops = crop_and_resize_masks_np(full_masks, boxes, cfg.mask_size)
     if flip:
         resized = resized[:, ::-1]
         semantic = semantic[:, ::-1]
