@@ -652,8 +652,12 @@ class CocoPanopticReader:
         Raises:
           DataError: for a bad record when ``skip_bad_records`` is False.
         """
+        return self._skip_bad(self.read, index)
+
+    def _skip_bad(self, read: Any, index: int) -> dict | None:
+        """``read(index)``; a DataError goes to `skip_or_raise` (counted skip: None)."""
         try:
-            return self.read(index)
+            return read(index)
         except DataError as e:
             self.skip_or_raise(e, index)
             return None
@@ -834,11 +838,7 @@ class CocoPanopticReader:
 
     def maybe_read_meta(self, index: int) -> dict | None:
         """``read_meta(index)``, or None for a bad record when ``skip_bad_records`` (counted)."""
-        try:
-            return self.read_meta(index)
-        except DataError as e:
-            self.skip_or_raise(e, index)
-            return None
+        return self._skip_bad(self.read_meta, index)
 
     def read_meta(self, index: int) -> dict[str, Any]:
         """Record ``index`` for the TF transform: checked metadata and the undecoded files.
