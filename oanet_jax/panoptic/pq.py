@@ -236,23 +236,24 @@ _DENSE_CELLS = 1 << 18  # largest dense joint histogram (2 MB of float64)
 
 
 def _compact(
-    values: np.ndarray, candidates: Callable[[], np.ndarray | None]
+    values: np.ndarray, candidates: Sequence[int] | np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Small indices for `values`, if cheap: (index [R], sorted value table [K]) or None.
 
-    Indices are the values themselves when they lie in [0, _SMALL_IDS); else positions in
-    ``candidates()`` (sorted unique ids, built only then) when every value is one of them; else
-    the values themselves when they lie in [0, _DENSE_SIDE); otherwise None.
+    Indices are the values themselves when they lie in [0, _SMALL_IDS); else positions in the
+    sorted unique `candidates` (a hint; ignored when empty or out of [0, 2^32)) when every value
+    is one of them; else the values themselves when they lie in [0, _DENSE_SIDE); otherwise None.
     """
     lo, hi = int(values.min()), int(values.max())
     in_range = lo >= 0 and hi < _DENSE_SIDE
     if in_range and hi < _SMALL_IDS:
         return values, np.arange(hi + 1, dtype=np.int64)
-    table = candidates()
-    if table is not None:
-        idx = np.minimum(np.searchsorted(table, values), table.size - 1)
-        if np.array_equal(table[idx], values):
-            return idx, table
+    if candidates is not None:
+        table = np.unique(np.asarray(candidates, np.int64))
+        if table.size and table[0] >= 0 and table[-1] <= _MAX_ID:
+            idx = np.minimum(np.searchsorted(table, values), table.size - 1)
+            if np.array_equal(table[idx], values):
+                return idx, table
     if in_range:
         return values, np.arange(hi + 1, dtype=np.int64)
     return None
@@ -312,17 +313,8 @@ def pair_counts(
         gs &= id_mask
         ps &= id_mask
 
-    def table(c: Sequence[int] | np.ndarray | None) -> Callable[[], np.ndarray | None]:
-        def build() -> np.ndarray | None:
-            if c is None:
-                return None
-            ids = np.unique(np.asarray(c, np.int64))
-            return ids if ids.size and ids[0] >= 0 and ids[-1] <= _MAX_ID else None
-
-        return build
-
-    gc = _compact(gs, table(gt_candidates))
-    pc = _compact(ps, table(pred_candidates)) if gc is not None else None
+    gc = _compact(gs, gt_candidates)
+    pc = _compact(ps, pred_candidates) if gc is not None else None
     if gc is not None and pc is not None and gc[1].size * pc[1].size <= _DENSE_CELLS:
         (gi, gvals), (pi, pvals) = gc, pc
         width = pvals.size
