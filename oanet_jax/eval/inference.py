@@ -46,6 +46,8 @@ class InferenceFn:
       mesh: the evaluation mesh.
       orderings: the merge orderings.
       batch_keys: the batch entries sent to the device.
+      function: the traced ``infer(variables, batch) -> outputs`` before `jax.jit` and the
+        mesh shardings (`oanet_jax.export` serializes it for one device).
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class InferenceFn:
         mesh: Mesh,
         orderings: tuple[str, ...],
         batch_keys: tuple[str, ...],
+        function: Callable[..., dict[str, Any]],
     ):
         self._jitted = jitted
+        self.function = function
         self.mesh = mesh
         self.orderings = orderings
         self.batch_keys = batch_keys
@@ -211,4 +215,4 @@ def make_inference_fn(
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
     jitted = jax.jit(infer, in_shardings=(replicated, data))
-    return InferenceFn(jitted, mesh, orderings, tuple(batch_keys))
+    return InferenceFn(jitted, mesh, orderings, tuple(batch_keys), infer)
