@@ -11,8 +11,10 @@ maps each ordering's id map back to the original image (`data.transforms`) and d
 ``--checkpoint`` is a training work directory (latest checkpoint), its ``checkpoints/`` folder,
 or one step's folder ``<workdir>/checkpoints/<step>``. For each IMAGE it writes
 ``<out>/<stem>_panoptic.png`` (panels: score-ordered merge, SRM-ordered merge, the pixels whose
-segment changed) and ``<out>/<stem>_segments.json``. orbax/absl INFO lines are hidden; ``-v 0``
-shows them.
+segment changed) and ``<out>/<stem>_segments.json``. Given an exported artifact
+(``oanet-export --format jax``) instead, `predict_exported` runs it (no ``--config`` needed) and
+writes COCO panoptic PNG + JSON (``<out>/panoptic_<ordering>.json``) and one overlay per image.
+orbax/absl INFO lines are hidden; ``-v 0`` shows them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,10 +38,13 @@ from oanet_jax.eval.ground_truth import data_path
 from oanet_jax.eval.inference import make_inference_fn
 
 __all__ = [
+    "image_id_of",
     "load_category_table",
     "main",
+    "predict_exported",
     "predict_images",
     "preprocess_image",
+    "render_panels",
     "resolve_checkpoint",
 ]
 
@@ -109,16 +114,12 @@ def predict_images(
     """
     from PIL import Image
 
-    from oanet_jax.panoptic import visualize
-
     os.makedirs(out_dir, exist_ok=True)
     infer = make_inference_fn(model, config, orderings, batch_size=1)
     variables = infer.put_variables(variables)
-    titles = {"score": "score order (heuristic)", "srm": "SRM order (OANet)"}
     written = []
     for index, path in enumerate(image_paths):
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = _read_rgb(path)
         batch = preprocess_image(image, config, image_id=index)
         out = jax.device_get(infer(variables, batch))
         maps, segments = {}, {}
@@ -131,39 +132,175 @@ def predict_images(
                 batch["orig_shape"][0],
                 table,
             )
-        colors = visualize.segment_colors([s for o in orderings for s in segments[o]], table)
-        scale = visualize.display_scale(image.shape, min_display_side)
-        panels = [
-            visualize.render_panoptic(
-                image,
-                maps[o],
-                segments[o],
-                table,
-                colors=colors,
-                scale=scale,
-                title=f"{titles.get(o, o)}: {len(segments[o])} segments",
-            )
-            for o in orderings
-        ]
-        if len(orderings) == 2:
-            a, b = orderings
-            changed = int(np.sum(maps[a] != maps[b]))
-            panels.append(
-                visualize.difference_panel(
-                    image,
-                    maps[a],
-                    maps[b],
-                    scale=scale,
-                    title=f"changed: {changed} px ({100.0 * changed / maps[a].size:.1f}%)",
-                )
-            )
         stem = os.path.splitext(os.path.basename(path))[0]
         png = os.path.join(out_dir, f"{stem}_panoptic.png")
-        Image.fromarray(visualize.side_by_side(panels)).save(png)
+        Image.fromarray(render_panels(image, maps, segments, table, min_display_side)).save(png)
         write_json(os.path.join(out_dir, f"{stem}_segments.json"), segments, indent=1)
         written.append(png)
         logging.info("wrote %s", png)
     return written
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file (any PIL-readable format)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def render_panels(
+    image: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    segments: Mapping[str, Sequence[Mapping[str, Any]]],
+    table: CategoryTable,
+    min_display_side: int = 384,
+) -> np.ndarray:
+    """One panel per ordering side by side, plus the changed pixels with two orderings.
+
+    Args:
+      image: uint8 [H, W, 3] original image.
+      maps: ordering -> [H, W] id map at the original size.
+      segments: ordering -> segments_info (dataset ids) of that map.
+      table: the category table.
+      min_display_side: small images are upscaled (integer factor) to this shorter side.
+
+    Returns:
+      uint8 [h, w, 3] the panels (an instance keeps its colour across panels).
+    """
+    from oanet_jax.panoptic import visualize
+
+    titles = {"score": "score order (heuristic)", "srm": "SRM order (OANet)"}
+    orderings = list(maps)
+    colors = visualize.segment_colors([s for o in orderings for s in segments[o]], table)
+    scale = visualize.display_scale(image.shape, min_display_side)
+    panels = [
+        visualize.render_panoptic(
+            image,
+            maps[o],
+            segments[o],
+            table,
+            colors=colors,
+            scale=scale,
+            title=f"{titles.get(o, o)}: {len(segments[o])} segments",
+        )
+        for o in orderings
+    ]
+    if len(orderings) == 2:
+        a, b = orderings
+        changed = int(np.sum(maps[a] != maps[b]))
+        panels.append(
+            visualize.difference_panel(
+                image,
+                maps[a],
+                maps[b],
+                scale=scale,
+                title=f"changed: {changed} px ({100.0 * changed / maps[a].size:.1f}%)",
+            )
+        )
+    return visualize.side_by_side(panels)
+
+
+def image_id_of(path: str, index: int) -> int:
+    """The COCO image id of an image file: its stem when all digits (``000000000139.jpg`` ->
+    139, the COCO and synthetic naming), else `index`."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else int(index)
+
+
+def predict_exported(
+    model: Any,
+    image_paths: Sequence[str],
+    out_dir: str,
+    *,
+    overlays: bool = True,
+    min_display_side: int = 384,
+) -> tuple[str, list[str]]:
+    """Panoptic predictions of image files of any size with an exported artifact.
+
+    Each image is resized and padded to the exported shape (`preprocess_image` with the
+    artifact's config), the images run in batches of the exported batch size (the last one
+    padded), and each id map is mapped back to the original size
+    (`transforms.prediction_to_original`). Writes COCO panoptic predictions,
+    ``<out_dir>/panoptic_<ordering>.json`` and its PNGs in ``<out_dir>/panoptic_<ordering>/``
+    (image ids from the file names, `image_id_of`; dataset category ids), and with `overlays`
+    ``<out_dir>/<stem>_panoptic.png`` (the drawn segments, `render_panels`).
+
+    Args:
+      model: `oanet_jax.export.load`'s `ExportedModel`.
+      image_paths: image files (any PIL-readable format; converted to RGB).
+      out_dir: output folder (created).
+      overlays: also draw the overlay images.
+      min_display_side: small images are upscaled (integer factor) to this shorter side.
+
+    Returns:
+      (the panoptic JSON path, the overlay PNG paths).
+
+    Raises:
+      ValueError: an image whose resize does not fit the exported shape (named).
+    """
+    import ml_collections
+    from PIL import Image
+
+    from oanet_jax.panoptic import io as pan_io
+
+    config = ml_collections.ConfigDict(model.manifest["config"])
+    categories = model.manifest["categories"]
+    table = CategoryTable.from_categories(categories)
+    ordering = model.ordering
+    batch_size, hp, wp, _ = model.input_shape
+    folder = os.path.join(out_dir, f"panoptic_{ordering}")
+    os.makedirs(folder, exist_ok=True)
+    annotations, overlay_paths = [], []
+    paths = list(image_paths)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = np.zeros((batch_size, hp, wp, 3), np.uint8)
+        shapes = np.tile(np.asarray([[hp, wp]], np.int32), (batch_size, 1))
+        origs = shapes.copy()
+        originals = []
+        for i, path in enumerate(chunk):
+            image = _read_rgb(path)
+            try:
+                batch = preprocess_image(image, config, image_id=start + i)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
+            images[i] = batch["image"][0]
+            shapes[i] = batch["image_shape"][0]
+            origs[i] = batch["orig_shape"][0]
+            originals.append(image)
+        out = model(images, shapes, origs)
+        for i, path in enumerate(chunk):
+            segments = {
+                "id": out["segment_id"][i],
+                "category": out["category"][i],
+                "isthing": out["isthing"][i],
+                "score": out["score"][i],
+                "valid": out["valid"][i],
+            }
+            id_map, info = transforms.prediction_to_original(
+                out["id_map"][i], segments, shapes[i], origs[i], table
+            )
+            stem = os.path.splitext(os.path.basename(path))[0]
+            info = pan_io.write_prediction(folder, f"{stem}.png", id_map, info)
+            annotations.append(
+                {
+                    "image_id": image_id_of(path, start + i),
+                    "file_name": f"{stem}.png",
+                    "segments_info": info,
+                }
+            )
+            if overlays:
+                png = os.path.join(out_dir, f"{stem}_panoptic.png")
+                panel = render_panels(
+                    originals[i], {ordering: id_map}, {ordering: info}, table, min_display_side
+                )
+                Image.fromarray(panel).save(png)
+                overlay_paths.append(png)
+                logging.info("wrote %s", png)
+    json_path = os.path.join(out_dir, f"panoptic_{ordering}.json")
+    pan_io.write_predictions_json(json_path, annotations, categories)
+    return json_path, overlay_paths
 
 
 def load_category_table(config_data: Any, categories_json: str | None = None) -> CategoryTable:
@@ -226,7 +363,10 @@ def _define_flags() -> dict[str, Any]:
     return {
         "config": config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py)."),
         "checkpoint": flags.DEFINE_string(
-            "checkpoint", None, "Work directory, its checkpoints/ folder, or checkpoints/<step>."
+            "checkpoint",
+            None,
+            "Work directory, its checkpoints/ folder, checkpoints/<step>, or an exported artifact "
+            "(oanet-export --format jax; then --config and --categories come from its manifest).",
         ),
         "out": flags.DEFINE_string("out", "predictions", "Output folder."),
         "categories": flags.DEFINE_string(
@@ -244,11 +384,27 @@ def _run(argv: list[str], f: dict[str, Any]) -> None:
     if not images:
         raise app.UsageError("give at least one IMAGE")
     setup_console()
+    jax.config.parse_flags_with_absl()
+    from oanet_jax import export
+
+    if export.is_artifact(f["checkpoint"].value):
+        model = export.load(f["checkpoint"].value)
+        wanted = f["orderings"].value
+        if wanted and list(wanted) != [model.ordering]:
+            raise app.UsageError(
+                f"the artifact was exported with the {model.ordering!r} ordering, not {wanted}"
+            )
+        json_path, paths = predict_exported(model, images, f["out"].value)
+        for p in paths:
+            print(p)
+        print(json_path)
+        return
     from oanet_jax.modeling.build import build_model
     from oanet_jax.train.checkpoint import restore_variables
 
-    jax.config.parse_flags_with_absl()
     config = f["config"].value
+    if config is None:
+        raise app.UsageError("--config is required with a checkpoint (not an exported artifact)")
     workdir, step = resolve_checkpoint(f["checkpoint"].value)
     variables, step = restore_variables(workdir, step)
     logging.info("restored step %d from %s", step, workdir)
@@ -270,5 +426,5 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: parses the flags (``argv`` default ``sys.argv``) and predicts."""
     setup_console()
     f = _define_flags()
-    flags.mark_flags_as_required(["config", "checkpoint"])
+    flags.mark_flags_as_required(["checkpoint"])
     app.run(lambda args: _run(args, f), argv=argv)
