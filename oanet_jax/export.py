@@ -117,6 +117,7 @@ class ExportedModel:
     """A loaded ``jax`` artifact: ``model(images, image_shapes=None, orig_shapes=None)``.
 
     Attributes:
+      path: the artifact folder (named in every error).
       manifest: the artifact's manifest (config, 'categories', 'inputs', 'ordering', ...).
       input_shape: (B, Hp, Wp, 3), the exported padded batch shape of 'images'.
       platforms: the platforms the function was exported for.
@@ -138,6 +139,7 @@ class ExportedModel:
         return str(self.manifest["ordering"])
 
     def _shapes_input(self, name: str, value: Any, default: np.ndarray) -> np.ndarray:
+        """`value` ([B, 2] positive integers; None: `default`) as int32, checked."""
         batch = self.input_shape[0]
         if value is None:
             return default
