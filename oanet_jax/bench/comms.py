@@ -53,6 +53,8 @@ _OP_RE = re.compile(
 )
 _SHAPE_RE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _IOTA_GROUPS_RE = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_MESH_GROUPS_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
 _LIST_GROUPS_RE = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _PAIRS_RE = re.compile(r"source_target_pairs=\{")
 
@@ -77,6 +79,13 @@ def shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str, num_devices: int) -> int:
+    m = _MESH_GROUPS_RE.search(line)
+    if m:  # replica_groups=mesh['axis_0'=8,'axis_1'=8] {'axis_1'}: groups along the named axes
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        n = 1
+        for axis in re.findall(r"'([^']+)'", m.group(2)):
+            n *= int(sizes[axis])
+        return n
     m = _IOTA_GROUPS_RE.search(line)
     if m:
         return int(m.group(1).split(",")[-1])
@@ -132,22 +141,25 @@ def loop_computations(hlo_text: str) -> set[str]:
     return inside
 
 
-def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+def collective_bytes(hlo_text: str, num_devices: int, top: int = 8) -> dict[str, Any]:
     """Collectives of a compiled (SPMD-partitioned) HLO module, by kind.
 
     Args:
       hlo_text: ``compiled.as_text()`` of a jitted function.
       num_devices: devices of the mesh (the group of ``replica_groups={}``).
+      top: how many of the largest ops to list.
 
     Returns:
       ``{kind: {'ops': count, 'result_bytes': bytes of the per-device results,
       'ring_bytes_per_device': bytes sent per device by a ring implementation, 'ops_in_loops':
       how many of the ops sit inside a while loop (counted once here)}}`` for every kind of
-      :data:`COLLECTIVES` (zeros when absent), plus ``'total'``.
+      :data:`COLLECTIVES` (zeros when absent), plus ``'total'`` and ``'largest'``: the
+      ``top`` largest ops as ``[kind, result bytes, group size, in a loop, op_name tail]``.
     """
     keys = ("ops", "result_bytes", "ring_bytes_per_device", "ops_in_loops")
     out = {k: {key: 0 for key in keys} for k in COLLECTIVES}
     in_loops = loop_computations(hlo_text)
+    largest: list[list[Any]] = []
     current = ""
     for line in hlo_text.splitlines():
         if line and not line[0].isspace():
@@ -168,7 +180,12 @@ def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, dict[str, flo
         entry["result_bytes"] += size
         entry["ring_bytes_per_device"] += _ring_bytes(kind, size, n)
         entry["ops_in_loops"] += int(current in in_loops)
+        name = _OP_NAME_RE.search(line)
+        largest.append(
+            [kind, size, n, current in in_loops, name.group(1)[-160:] if name else current]
+        )
     out["total"] = {key: sum(out[k][key] for k in COLLECTIVES) for key in keys}
+    out["largest"] = sorted(largest, key=lambda r: -r[1])[:top]
     return out
 
 

@@ -279,8 +279,8 @@ def runs(tmp_path_factory, cluster_env) -> dict[str, pathlib.Path]:
     assert rcs == [0, 0], b.output(0)[-3000:] + b.output(1)[-3000:]
     stopped_out = b.output(0)
     assert "Received SIGTERM" in b.output(1) and "Received SIGTERM" not in stopped_out
-    b2 = _Cluster("B", tmp, cluster_env, [str(shared_root)] * 2)
     b_stop_metrics = _metrics(b.workdir)
+    b2 = _Cluster("B", tmp, cluster_env, [str(shared_root)] * 2)
     rcs = b2.wait()
     assert rcs == [0, 0], b2.output(0)[-3000:] + b2.output(1)[-3000:]
     return {
