@@ -16,8 +16,9 @@ all-reduced) and ``fsdp`` (mesh (N / M, M) with ``sharding.shard_params``: param
 optimizer state sharded on the M-way 'model' axis). With data parallelism the gradient bytes do
 not depend on the image size or the batch, so a small image (256x256 by default, one image per
 'data' shard) is enough; with parameters sharded the activations' collectives do depend on them
-(stated with the result). Op counts are static (an op inside a loop body counts once; the number
-of ``while`` ops is reported so that this can be checked).
+(stated with the result). Op counts are static (an op inside a loop body counts once; ops in
+loop bodies and in the branches of conditionals -- the mask head's ``lax.switch`` over its
+RoI-count buckets, of which one runs per step -- are reported separately).
 """
 
 from __future__ import annotations
@@ -117,6 +118,18 @@ _CALL_RE = re.compile(
 def loop_computations(hlo_text: str) -> set[str]:
     """Names of the computations that run inside a ``while`` loop (bodies, conditions, and
     everything they call), i.e. whose ops may execute more than once per step."""
+    return _called_from(hlo_text, ("body", "condition"), " while(")
+
+
+def branch_computations(hlo_text: str) -> set[str]:
+    """Names of the computations that are branches of a ``conditional`` (``lax.switch`` /
+    ``lax.cond``) and everything they call: only one branch of each runs per execution."""
+    return _called_from(
+        hlo_text, ("branch_computations", "true_computation", "false_computation"), " conditional("
+    )
+
+
+def _called_from(hlo_text: str, root_attrs: tuple[str, ...], root_op: str) -> set[str]:
     calls: dict[str, set[str]] = {}
     roots: set[str] = set()
     current = ""
@@ -130,7 +143,7 @@ def loop_computations(hlo_text: str) -> set[str]:
         for attr, target in _CALL_RE.findall(line):
             names = {n.strip().lstrip("%") for n in target.strip("{}").split(",") if n.strip()}
             calls.setdefault(current, set()).update(names)
-            if attr in ("body", "condition") and " while(" in line:
+            if attr in root_attrs and root_op in line:
                 roots.update(names)
     inside, todo = set(), list(roots)
     while todo:
@@ -152,13 +165,16 @@ def collective_bytes(hlo_text: str, num_devices: int, top: int = 8) -> dict[str,
     Returns:
       ``{kind: {'ops': count, 'result_bytes': bytes of the per-device results,
       'ring_bytes_per_device': bytes sent per device by a ring implementation, 'ops_in_loops':
-      how many of the ops sit inside a while loop (counted once here)}}`` for every kind of
+      how many of the ops sit inside a while loop (counted once here), 'ops_in_branches': how
+      many sit in a branch of a conditional (every branch is counted here, one runs)}}`` for
+      every kind of
       :data:`COLLECTIVES` (zeros when absent), plus ``'total'`` and ``'largest'``: the
       ``top`` largest ops as ``[kind, result bytes, group size, in a loop, op_name tail]``.
     """
-    keys = ("ops", "result_bytes", "ring_bytes_per_device", "ops_in_loops")
+    keys = ("ops", "result_bytes", "ring_bytes_per_device", "ops_in_loops", "ops_in_branches")
     out = {k: {key: 0 for key in keys} for k in COLLECTIVES}
     in_loops = loop_computations(hlo_text)
+    in_branches = branch_computations(hlo_text)
     largest: list[list[Any]] = []
     current = ""
     for line in hlo_text.splitlines():
@@ -180,6 +196,7 @@ def collective_bytes(hlo_text: str, num_devices: int, top: int = 8) -> dict[str,
         entry["result_bytes"] += size
         entry["ring_bytes_per_device"] += _ring_bytes(kind, size, n)
         entry["ops_in_loops"] += int(current in in_loops)
+        entry["ops_in_branches"] += int(current in in_branches)
         name = _OP_NAME_RE.search(line)
         largest.append(
             [kind, size, n, current in in_loops, name.group(1)[-160:] if name else current]

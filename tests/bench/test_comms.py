@@ -28,6 +28,11 @@ _HLO = """HloModule jit_train_step, entry_computation_layout={()->f32[]}
   ROOT %t = (s32[], f32[16]{0}) tuple(%i, %ar.2)
 }
 
+%br.1 (q: f32[4]) -> f32[8] {
+  %q = f32[4]{0} parameter(0)
+  ROOT %ag.2 = f32[8]{0} all-gather(%q), channel_id=6, replica_groups=[4,2]<=[8], dimensions={0}
+}
+
 %cond.1 (p: (s32[], f32[16])) -> pred[] {
   ROOT %lt = pred[] constant(true)
 }
@@ -40,6 +45,7 @@ ENTRY %main.9 (a: f32[1000], b: bf16[8,4]) -> f32[] {
   %rs.1 = f32[10]{0} reduce-scatter(%d), channel_id=4, replica_groups=[1,8]<=[8], dimensions={0}, to_apply=%add
   %ar.3 = f32[5]{0} all-reduce(%e), channel_id=5, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add, metadata={op_name="jit(f)/psum"}
   %w = (s32[], f32[16]{0}) while(%init), condition=%cond.1, body=%body.1
+  %sw = f32[8]{0} conditional(%i, %q, %q), branch_computations={%br.1, %br.1}
   ROOT %r = f32[] constant(0)
 }
 """
@@ -57,13 +63,15 @@ def test_collective_bytes_of_handwritten_hlo():
     assert ar["ring_bytes_per_device"] == pytest.approx(
         2 * 7 / 8 * 4064 + 2 * 3 / 4 * 64 + 2 * 3 / 4 * 20
     )
+    assert comms.branch_computations(_HLO) == {"br.1"}
     ag = out["all-gather"]
-    assert ag["ops"] == 1 and ag["result_bytes"] == 64 * 8 * 4
-    assert ag["ring_bytes_per_device"] == pytest.approx(0.5 * 2048)  # groups of 2
+    assert ag["ops"] == 2 and ag["result_bytes"] == 64 * 8 * 4 + 32
+    assert ag["ops_in_branches"] == 1 and ar["ops_in_branches"] == 0
+    assert ag["ring_bytes_per_device"] == pytest.approx(0.5 * 2048 + 0.5 * 32)  # groups of 2
     rs = out["reduce-scatter"]
     assert rs["result_bytes"] == 40 and rs["ring_bytes_per_device"] == 7 * 40
     assert out["all-to-all"]["ops"] == 0
-    assert out["total"]["ops"] == 5 and out["total"]["result_bytes"] == 4148 + 2048 + 40
+    assert out["total"]["ops"] == 6 and out["total"]["result_bytes"] == 4148 + 2080 + 40
     assert out["largest"][0][:4] == ["all-reduce", 4064, 8, False]
     assert ["all-reduce", 20, 4, False, "jit(f)/psum"] in out["largest"]
 
