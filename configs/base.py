@@ -174,6 +174,12 @@ def get_config() -> ml_collections.ConfigDict:
     s.mesh_axes = ("data", "model")
     s.shard_params = False  # FSDP-style parameter sharding on 'model'
     s.distributed = False  # call jax.distributed.initialize()
+    # Passed to jax.distributed.initialize when set; ''/-1: detected (Cloud TPU, SLURM, ...).
+    s.coordinator_address = ""  # 'host:port' of process 0
+    s.num_processes = -1
+    s.process_id = -1
+    # Collectives of a cluster of CPU processes: 'gloo' (or 'mpi'); '' = JAX's default.
+    s.cpu_collectives = ""
 
     # ------------------------------------------------------------------------ checkpoint
     k = c.checkpoint = ml_collections.ConfigDict()

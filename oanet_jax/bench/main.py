@@ -16,9 +16,12 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   input  the training stream at paper defaults on the real COCO sample replicated 16 times vs
          bare single-threaded PIL decoding of the same JPEG + PNG files: images/s, per core,
          ratio, bytes per example
+  comms  bytes of all-reduce / all-gather / reduce-scatter per ResNet-50 train step on a
+         64-device mesh of fake CPU devices (compiled, not run), data parallel vs parameters
+         sharded on 'model', with XLA's FLOPs per device beside; counts, not times
 
 Every timed section times with `oanet_jax.bench.timing` (medians, warm-up excluded; the flops
-section counts, it does not time). Each prints its result as JSON and writes it to
+and comms sections count, they do not time). Each prints its result as JSON and writes it to
 OUT/SECTION.json with a description of the machine, so that docs/BENCHMARKS.md cites the file
 each figure comes from. Needs the test extras (torch).
 """
@@ -33,7 +36,7 @@ import json
 import os
 import pathlib
 
-SECTIONS = ("ops", "pq", "model", "train", "flops", "profile", "input")
+SECTIONS = ("ops", "pq", "model", "train", "flops", "profile", "input", "comms")
 
 
 def machine() -> dict:

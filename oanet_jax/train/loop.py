@@ -61,37 +61,49 @@ LOSS_TERMS = ("rpn_cls", "rpn_box", "cls", "box", "mask", "seg", "srm")
 
 
 def maybe_generate_synthetic(config: ml_collections.ConfigDict) -> bool:
-    """Generates the synthetic dataset at ``config.data.root`` if it is missing.
+    """Generates the synthetic dataset at ``config.data.root`` if this process does not see it.
 
     Only for configs that describe the synthetic dataset (``config.data.synthetic_num_images``
-    exists) and only when ``data.root`` does not exist; process 0 writes, the others wait.
+    exists) and only when ``data.root`` does not exist. No shared filesystem is assumed: every
+    process that does not see the root writes the dataset itself (it is byte-identical for the
+    same config, see :func:`oanet_jax.data.synthetic.generate`), into a temporary folder unique to
+    the host and process, renamed into place atomically. On a shared filesystem several processes
+    may generate at once; the first rename wins and the others delete their copy. No process
+    waits for another, so there is nothing to time out.
 
     Returns:
-        True if the dataset was generated.
+        True if this process generated the dataset (False if it existed or another process's
+        copy was renamed into place first).
     """
     d = config.data
     if "synthetic_num_images" not in d or d.source != "coco_panoptic" or os.path.exists(d.root):
         return False
+    import shutil
+    import socket
+
     from oanet_jax.data import synthetic
 
     size = tuple(int(v) for v in d.get("synthetic_size", d.image_size))
     num_val = int(d.get("synthetic_num_val_images", max(1, int(d.synthetic_num_images) // 10)))
-    if jax.process_index() == 0:
-        print(
-            f"Data root {d.root} does not exist: generating the synthetic dataset there "
-            f"({d.synthetic_num_images} train + {num_val} val images of {size[0]}x{size[1]}, "
-            f"seed {config.seed}).",
-            flush=True,
-        )
-        t0 = time.time()
-        tmp = f"{d.root.rstrip('/')}.tmp-{os.getpid()}"
-        synthetic.generate(tmp, int(d.synthetic_num_images), num_val, int(config.seed), size)
+    who = f"process {jax.process_index()}" if jax.process_count() > 1 else "this process"
+    print(
+        f"Data root {d.root} does not exist for {who}: generating the synthetic dataset there "
+        f"({d.synthetic_num_images} train + {num_val} val images of {size[0]}x{size[1]}, "
+        f"seed {config.seed}).",
+        flush=True,
+    )
+    t0 = time.time()
+    tmp = f"{d.root.rstrip('/')}.tmp-{socket.gethostname()}-{jax.process_index()}-{os.getpid()}"
+    synthetic.generate(tmp, int(d.synthetic_num_images), num_val, int(config.seed), size)
+    try:
         os.replace(tmp, d.root)  # atomic: a killed generation leaves no half-written root
-        print(f"Synthetic dataset written to {d.root} in {time.time() - t0:.1f} s.", flush=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("oanet_generate_synthetic")
+    except OSError:
+        if not os.path.isdir(d.root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process's identical copy came first
+        print(f"Synthetic dataset at {d.root} was written by another process.", flush=True)
+        return False
+    print(f"Synthetic dataset written to {d.root} in {time.time() - t0:.1f} s.", flush=True)
     return True
 
 
@@ -299,21 +311,18 @@ def train_and_evaluate(
     t = config.train
     num_steps = int(t.num_steps)
     global_batch = int(t.batch_size)
-    if global_batch % jax.process_count():
-        raise ValueError(
-            f"train.batch_size {global_batch} is not divisible by {jax.process_count()} processes"
-        )
-    host_batch = global_batch // jax.process_count()
     on_nonfinite = str(t.get("on_nonfinite", "error"))
     if on_nonfinite not in ("error", "skip"):
         raise ValueError(f"train.on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
     log_every = max(1, int(t.log_every_steps))
 
     mesh = sharding_lib.make_mesh(config.sharding)
+    host_batch = sharding_lib.host_batch_size(global_batch, mesh)
     model = build_model(config)
     state, state_sharding = state_lib.create_train_state(
         config, model, mesh, data_spec.zeros_batch(config.data, global_batch)
     )
+    sharding_lib.sync_processes("state_initialized")
     manager = ckpt_lib.TrainCheckpointManager.from_config(config, workdir)
     data_seed = int(config.seed)
     start_step = 0
@@ -363,7 +372,9 @@ def train_and_evaluate(
             "process_count": jax.process_count(),
         }
 
-    train_step = step_lib.jit_train_step(model, config, mesh, state_sharding)
+    train_step = sharding_lib.sync_after_first_compile(
+        step_lib.jit_train_step(model, config, mesh, state_sharding), "train_step"
+    )
 
     from tqdm import tqdm
 

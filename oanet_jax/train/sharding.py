@@ -200,15 +200,89 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: put(v) for k, v in batch.items()}
 
 
+def host_batch_size(global_batch: int, mesh: Mesh) -> int:
+    """This process's share of the global batch, after checking that the mesh can hold it.
+
+    The global batch is what a run (and a resume on another slice) keeps fixed: it is split
+    evenly over the processes (each reads its own shard of the input) and over the 'data' axis
+    of the mesh.
+
+    Args:
+      global_batch: ``config.train.batch_size``.
+      mesh: the device mesh (its 'data' axis splits the batch).
+
+    Returns:
+      The per-process batch ``global_batch // jax.process_count()``.
+
+    Raises:
+      ValueError: the global batch cannot be split over the processes or the 'data' axis (e.g.
+        a checkpoint of global batch 8 resumed on a 3-way 'data' axis), naming the sizes that
+        would work.
+    """
+    processes = jax.process_count()
+    data = int(mesh.shape.get(DATA_AXIS, 1))
+    problems = []
+    if global_batch % processes:
+        problems.append(f"{processes} processes")
+    if global_batch % data:
+        problems.append(f"the {data}-way '{DATA_AXIS}' axis of mesh {dict(mesh.shape)}")
+    if problems:
+        divisors = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
+        raise ValueError(
+            f"train.batch_size (global batch) {global_batch} cannot be split evenly over "
+            f"{' and '.join(problems)}. A resumed run keeps the checkpoint's global batch so that "
+            f"it continues the same data stream: choose a slice / sharding.mesh_shape whose "
+            f"process count and '{DATA_AXIS}' axis divide {global_batch} (one of {divisors}), "
+            "or set train.batch_size explicitly (the data stream then differs from the "
+            "original run's)."
+        )
+    return global_batch // processes
+
+
+def distributed_kwargs(sharding_config: Any) -> dict[str, Any]:
+    """Keyword arguments of ``jax.distributed.initialize`` from ``config.sharding``.
+
+    ``coordinator_address`` (empty), ``num_processes`` (-1) and ``process_id`` (-1) that are not
+    set are left out, so that JAX detects them (Cloud TPU, SLURM, Open MPI, Kubernetes, or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+
+    Args:
+      sharding_config: ``config.sharding``.
+
+    Returns:
+      A dict with the keys that are set.
+    """
+    kwargs: dict[str, Any] = {}
+    address = str(sharding_config.get("coordinator_address", "") or "")
+    if address:
+        kwargs["coordinator_address"] = address
+    num_processes = int(sharding_config.get("num_processes", -1))
+    if num_processes > 0:
+        kwargs["num_processes"] = num_processes
+    process_id = int(sharding_config.get("process_id", -1))
+    if process_id >= 0:
+        if num_processes > 0 and process_id >= num_processes:
+            raise ValueError(
+                f"sharding.process_id {process_id} is not in [0, sharding.num_processes "
+                f"{num_processes})"
+            )
+        kwargs["process_id"] = process_id
+    return kwargs
+
+
 def maybe_initialize_distributed(sharding_config: Any) -> bool:
     """Calls ``jax.distributed.initialize()`` once when ``config.sharding.distributed`` is set.
 
-    Must run before any other JAX call that touches devices. Coordinator address, process
-    count and index come from the environment (TPU pods, SLURM, Open MPI, Kubernetes, or
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    Must run before any other JAX call that touches devices. ``sharding.coordinator_address``,
+    ``num_processes`` and ``process_id`` are passed when set (see :func:`distributed_kwargs`),
+    otherwise JAX detects them. ``sharding.cpu_collectives`` ('gloo' or 'mpi') selects the
+    collectives of the CPU backend, needed for a cluster of CPU processes (e.g. several processes
+    on one machine, as the tests run it); '' keeps JAX's default (no cross-process CPU
+    collectives).
 
     Args:
-      sharding_config: ``config.sharding`` (uses distributed).
+      sharding_config: ``config.sharding`` (uses distributed, coordinator_address,
+        num_processes, process_id, cpu_collectives).
 
     Returns:
       True if the distributed runtime is (now) initialized by this function.
@@ -217,7 +291,15 @@ def maybe_initialize_distributed(sharding_config: Any) -> bool:
     if not bool(getattr(sharding_config, "distributed", False)):
         return False
     if not _distributed_initialized:
-        jax.distributed.initialize()
+        kwargs = distributed_kwargs(sharding_config)
+        collectives = str(sharding_config.get("cpu_collectives", "") or "")
+        if collectives:
+            if collectives not in ("gloo", "mpi"):
+                raise ValueError(
+                    f"sharding.cpu_collectives must be '', 'gloo' or 'mpi', got {collectives!r}"
+                )
+            jax.config.update("jax_cpu_collectives_implementation", collectives)
+        jax.distributed.initialize(**kwargs)
         _distributed_initialized = True
         logging.info(
             "jax.distributed initialized: process %d of %d, %d global devices",
@@ -226,3 +308,56 @@ def maybe_initialize_distributed(sharding_config: Any) -> bool:
             jax.device_count(),
         )
     return True
+
+
+# Processes may reach a first collective minutes apart (one compiles more slowly, or loads the
+# persistent compilation cache while another compiles), while the CPU backend's gloo collectives
+# give up after 30 s; barriers of the coordination service wait this long instead.
+BARRIER_TIMEOUT_S = 3600
+
+
+def sync_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op with one process).
+
+    A barrier of the ``jax.distributed`` coordination service (no device collective), so that
+    the first collective after it starts on all processes at about the same time.
+
+    Args:
+      name: barrier name, unique per barrier in the process's life.
+      timeout_s: seconds to wait for the other processes before raising.
+    """
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    ocp.multihost.get_barrier_sync_fn()(key=f"oanet_{name}", timeout_ms=int(timeout_s * 1000))
+
+
+def sync_after_first_compile(fn: Any, name: str) -> Any:
+    """Wraps a jitted function: its first call compiles, waits for every process, then runs.
+
+    With several processes, the first execution of a sharded program runs collectives across
+    them; compiling ahead of time (``fn.lower(*args).compile()``, which jit's own cache reuses)
+    and then waiting at :func:`sync_processes` keeps the slowest compiler from making the
+    others' collectives time out. Later calls go straight to ``fn``.
+
+    Args:
+      fn: a ``jax.jit`` function.
+      name: barrier name.
+
+    Returns:
+      A callable with ``fn``'s signature.
+    """
+    if jax.process_count() == 1:
+        return fn
+    done = False
+
+    def call(*args: Any) -> Any:
+        nonlocal done
+        if not done:
+            fn.lower(*args).compile()
+            sync_processes(f"{name}_compiled")
+            done = True
+        return fn(*args)
+
+    return call

@@ -82,30 +82,8 @@ def create_train_state(
       (state, state_sharding): the TrainState (step 0) and a TrainState-shaped pytree of
       NamedShardings (pass it as in/out_shardings of the jitted train step).
     """
-    batch = _init_batch(sample_batch)
-    freeze_at = int(config.model.freeze_at)
-    rules = sharding_lib.logical_axis_rules(config.sharding)
     key = jax.random.key(int(config.seed if seed is None else seed))
-
-    @jax.jit
-    def init_variables(k: jax.Array) -> tuple[Any, jax.Array]:
-        k_params, k_sampling, k_train = jax.random.split(k, 3)
-        variables = model.init({"params": k_params, "sampling": k_sampling}, batch, train=True)
-        return variables, jax.random.key_data(k_train)
-
-    # One trace of the model: eval_shape caches the jaxpr of `init_variables`, which the jitted
-    # initialiser below calls again with the same input types.
-    abstract_vars, abstract_rng = jax.eval_shape(init_variables, key)
-    boxed_params = abstract_vars["params"]
-    tx = optimizer_lib.make_optimizer(config.train, boxed_params, freeze_at)
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=boxed_params,
-        batch_stats=abstract_vars.get("batch_stats", {}),
-        opt_state=jax.eval_shape(tx.init, boxed_params),  # inherits the params' logical boxes
-        rng=abstract_rng,
-    )
-    state_sharding = sharding_lib.tree_shardings(abstract_state, mesh, rules)
+    init_variables, tx, _, state_sharding = _abstract_state(config, model, mesh, sample_batch)
 
     def init_state(k: jax.Array) -> TrainState:
         variables, rng = init_variables(k)
@@ -121,6 +99,73 @@ def create_train_state(
     lowered = jax.jit(init_state, out_shardings=state_sharding).lower(key)
     state = _compile_init(lowered, mesh)(key)
     return state, state_sharding
+
+
+def _abstract_state(
+    config: Any, model: nn.Module, mesh: Mesh, sample_batch: Mapping[str, Any]
+) -> tuple[Any, Any, TrainState, TrainState]:
+    """The initialiser, the optimizer, the boxed abstract state and its shardings.
+
+    Returns:
+      (init_variables, tx, abstract_state, state_sharding): ``init_variables(key) -> (variables,
+      rng key data)`` (jitted), the optax transformation, the TrainState of ShapeDtypeStructs
+      with the logical boxes of the variables, and its NamedShardings on ``mesh``.
+    """
+    batch = _init_batch(sample_batch)
+    freeze_at = int(config.model.freeze_at)
+    rules = sharding_lib.logical_axis_rules(config.sharding)
+
+    @jax.jit
+    def init_variables(k: jax.Array) -> tuple[Any, jax.Array]:
+        k_params, k_sampling, k_train = jax.random.split(k, 3)
+        variables = model.init({"params": k_params, "sampling": k_sampling}, batch, train=True)
+        return variables, jax.random.key_data(k_train)
+
+    # One trace of the model: eval_shape caches the jaxpr of `init_variables`, which the jitted
+    # initialiser calls again with the same input types.
+    abstract_vars, abstract_rng = jax.eval_shape(init_variables, jax.random.key(0))
+    boxed_params = abstract_vars["params"]
+    tx = optimizer_lib.make_optimizer(config.train, boxed_params, freeze_at)
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=boxed_params,
+        batch_stats=abstract_vars.get("batch_stats", {}),
+        opt_state=jax.eval_shape(tx.init, boxed_params),  # inherits the params' logical boxes
+        rng=abstract_rng,
+    )
+    return (
+        init_variables,
+        tx,
+        abstract_state,
+        sharding_lib.tree_shardings(abstract_state, mesh, rules),
+    )
+
+
+def train_state_shapes(
+    config: Any, model: nn.Module, mesh: Mesh, sample_batch: Mapping[str, Any]
+) -> tuple[TrainState, TrainState]:
+    """The TrainState's shapes and shardings on ``mesh``, without initialising anything.
+
+    For compiling the train step ahead of time (``jit(...).lower(shapes, batch_shapes)``) or as
+    a restore target on a mesh, at the cost of tracing the initialiser (no compile, no run).
+
+    Args:
+      config: full config (as :func:`create_train_state`).
+      model: the OANet module.
+      mesh: the device mesh.
+      sample_batch: a batch dict of the batch spec (only shapes are used).
+
+    Returns:
+      (shapes, state_sharding): a TrainState of ``jax.ShapeDtypeStruct`` leaves carrying their
+      NamedShardings, and the TrainState-shaped pytree of those NamedShardings.
+    """
+    _, _, boxed, state_sharding = _abstract_state(config, model, mesh, sample_batch)
+    shapes = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        state_sharding,
+    )
+    return shapes, state_sharding
 
 
 def _compile_init(lowered: jax.stages.Lowered, mesh: Mesh) -> jax.stages.Compiled:
