@@ -29,14 +29,16 @@ Semantics follow ``torchvision.ops.roi_align`` (CPU kernel) exactly:
   power of two (every FPN level); other scales may differ by one float32 ulp (FMA contraction of
   ``box * scale - 0.5``).
 
-Implementation: the feature map(s) are flattened channels-last into one ``[rows, C]`` buffer and
-every bilinear tap is one row gather (``jnp.take`` on the flattened ``y * W + x`` index) of a
-contiguous C-vector. The taps of all samples of a bin are written as an unrolled weighted sum, so
-XLA fuses the gathers, the interpolation and the bin average into a single elementwise kernel that
-writes only the ``[B, N, oh, ow, C]`` output (no ``[..., samples, 4, C]`` intermediate, no
-interpolation matrices over H or W). For several FPN levels the levels are concatenated into the
-same buffer and each box gathers from its own level through a per-box row offset, height, width
-and scale, so each box is pooled exactly once.
+Implementation: the feature map(s) of each image are flattened channels-last into ``[rows, C]``
+(a ``[B, rows, C]`` buffer) and every bilinear tap is one row gather (``jnp.take`` on the flattened
+``y * W + x`` index, vmapped over the images) of a contiguous C-vector. A box gathers from its own
+image only, so with the batch sharded over 'data' the gathers and the backward's scatter-adds stay
+on the device that holds the image (no collective). The taps of all samples of a bin are written as
+an unrolled weighted sum, so XLA fuses the gathers, the interpolation and the bin average into a
+single elementwise kernel that writes only the ``[B, N, oh, ow, C]`` output (no
+``[..., samples, 4, C]`` intermediate, no interpolation matrices over H or W). For several FPN
+levels the levels are concatenated into the same buffer and each box gathers from its own level
+through a per-box row offset, height, width and scale, so each box is pooled exactly once.
 
 Interpolation weights and accumulation are float32 whatever the feature dtype (bf16 accepted);
 the result has the feature dtype. Gradients (reverse mode, a custom VJP) w.r.t. the features are
@@ -247,15 +249,36 @@ def _sample_taps(
     return out
 
 
+def _gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
+    """Per-image row gather: [B, R, C] buffer, [B * M, ...] rows -> [B * M, ..., C].
+
+    Box ``i`` reads rows of image ``i // M`` only, so with the batch sharded over devices every
+    gather stays on the device that holds its image (a flat ``[B * R, C]`` table would make XLA
+    all-gather the whole batch's pyramid on every device).
+    """
+    b = buffer.shape[0]
+    per_image = index.reshape(b, -1, *index.shape[1:])
+    out = jax.vmap(lambda buf, idx: jnp.take(buf, idx, axis=0, mode="clip"))(buffer, per_image)
+    return out.reshape(index.shape + buffer.shape[-1:])
+
+
+def _scatter_add_rows(grad: jax.Array, index: jax.Array, update: jax.Array) -> jax.Array:
+    """Transpose of :func:`_gather_rows`: adds [B * M, ..., C] ``update`` into [B, R, C]."""
+    b, c = grad.shape[0], grad.shape[-1]
+    return jax.vmap(lambda g, i, u: g.at[i].add(u, mode="clip"))(
+        grad, index.reshape(b, -1), update.reshape(b, -1, c)
+    )
+
+
 def _pool(buffer: jax.Array, taps: _Taps, n_grid: int) -> jax.Array:
-    """Weighted sum of the gathered taps: [R, C] buffer -> [M, oh, ow, C] float32."""
+    """Weighted sum of the gathered taps: [B, R, C] buffer -> [B * M, oh, ow, C] float32."""
 
     def sample(iy: int | jax.Array, ix: int | jax.Array) -> jax.Array:
         acc = None
         for index, weight in _sample_taps(taps, iy, ix):
             # Row gather of contiguous C-vectors; indices are in range by construction
             # ("clip" only keeps garbage boxes, e.g. NaN, in range too).
-            tap = jnp.take(buffer, index, axis=0, mode="clip").astype(jnp.float32)
+            tap = _gather_rows(buffer, index).astype(jnp.float32)
             term = tap * weight[..., None]
             acc = term if acc is None else acc + term
         assert acc is not None
@@ -285,8 +308,10 @@ def _pool(buffer: jax.Array, taps: _Taps, n_grid: int) -> jax.Array:
     return jax.lax.fori_loop(0, n_grid, body, init)
 
 
-def _unpool(cotangent: jax.Array, taps: _Taps, n_grid: int, num_rows: int) -> jax.Array:
-    """Transpose of :func:`_pool`: [M, oh, ow, C] cotangent -> [R, C] float32 buffer gradient.
+def _unpool(
+    cotangent: jax.Array, taps: _Taps, n_grid: int, buffer_shape: tuple[int, int]
+) -> jax.Array:
+    """Transpose of :func:`_pool`: [B * M, oh, ow, C] cotangent -> [B, R, C] float32 gradient.
 
     One running scatter-add per tap (a loop over sample rows keeps the program small), instead
     of autodiff's one zero-initialised buffer per tap summed afterwards. Samples past the last
@@ -305,13 +330,12 @@ def _unpool(cotangent: jax.Array, taps: _Taps, n_grid: int, num_rows: int) -> ja
     def row(iy: jax.Array, grad: jax.Array) -> jax.Array:
         def col(ix: jax.Array, grad: jax.Array) -> jax.Array:
             for index, weight in _sample_taps(taps, iy, ix):
-                update = (cotangent * weight[..., None]).reshape(-1, channels)
-                grad = grad.at[index.reshape(-1)].add(update, mode="clip")
+                grad = _scatter_add_rows(grad, index, cotangent * weight[..., None])
             return grad
 
         return jax.lax.fori_loop(0, extent(taps.wx), col, grad)
 
-    grad = jnp.zeros((num_rows, channels), jnp.float32)
+    grad = jnp.zeros((*buffer_shape, channels), jnp.float32)
     return jax.lax.fori_loop(0, extent(taps.wy), row, grad)
 
 
@@ -328,13 +352,13 @@ def _roi_align_vjp(buffer, row_base, heights, widths, scales, boxes, config):
 def _roi_align_fwd(buffer, row_base, heights, widths, scales, boxes, config):
     taps = _compute_taps(row_base, heights, widths, scales, boxes, config)
     # The zero-width array carries the buffer's row count and dtype to the backward pass.
-    proto = jnp.zeros((buffer.shape[0], 0), buffer.dtype)
+    proto = jnp.zeros((*buffer.shape[:2], 0), buffer.dtype)
     return _pool(buffer, taps, _grid_size(config)), (taps, proto)
 
 
 def _roi_align_bwd(config, residuals, cotangent):
     taps, proto = residuals
-    grad = _unpool(cotangent, taps, _grid_size(config), proto.shape[0])
+    grad = _unpool(cotangent, taps, _grid_size(config), proto.shape[:2])
     return grad.astype(proto.dtype), None, None, None, None, None
 
 
@@ -351,14 +375,15 @@ def _roi_align_flat(
     boxes: jax.Array,
     config: _Config,
 ) -> jax.Array:
-    """RoIAlign on a flattened channels-last buffer with per-box level geometry.
+    """RoIAlign on per-image flattened channels-last buffers with per-box level geometry.
 
     Args:
-      buffer: [R, C] features (any float dtype), row ``row_base + y * width + x``.
-      row_base: [M] int32 first row of each box's map in ``buffer``.
+      buffer: [B, R, C] features (any float dtype); box ``i`` reads image ``i // (M / B)``,
+        row ``row_base + y * width + x``.
+      row_base: [M] int32 first row of each box's map in its image's rows.
       heights, widths: [M] int32 size of each box's map.
       scales: [M] float32 spatial scale of each box's map.
-      boxes: [M, 4] float32 (x1, y1, x2, y2) in image pixels.
+      boxes: [M, 4] float32 (x1, y1, x2, y2) in image pixels, image-major (M = B * N).
       config: output size, sampling ratio, aligned, adaptive-grid cap.
 
     Returns:
@@ -409,11 +434,9 @@ def roi_align(
     n = boxes.shape[1]
     if boxes.shape != (b, n, 4):
         raise ValueError(f"boxes must be [B, N, 4] with B={b}, got {boxes.shape}")
-    buffer = features.reshape(b * h * w, c)
-    row_base = jnp.repeat(jnp.arange(b, dtype=jnp.int32) * (h * w), n)
     out = _roi_align_flat(
-        buffer,
-        row_base,
+        features.reshape(b, h * w, c),
+        0,
         h,
         w,
         spatial_scale,
@@ -482,7 +505,7 @@ def multilevel_roi_align(
 ) -> jax.Array:
     """Multi-level (FPN) RoIAlign: each box pooled once, from its assigned level.
 
-    The levels are flattened channels-last and concatenated into one ``[B * sum(Hl * Wl), C]``
+    The levels are flattened channels-last and concatenated into one ``[B, sum(Hl * Wl), C]``
     buffer; every box gathers from it with its level's row offset, size and scale, so the cost is
     that of a single-level RoIAlign over all boxes (plus one copy of the pyramid).
 
@@ -524,12 +547,11 @@ def multilevel_roi_align(
         if f.shape[0] != b or f.shape[3] != c:
             raise ValueError(f"all levels must be [B={b}, Hl, Wl, C={c}], got {f.shape}")
     level_rows = [h * w for h, w in zip(heights, widths, strict=True)]
-    rows_per_image = sum(level_rows)
-    # [B, sum(Hl*Wl), C] -> [B * sum, C]; row of (b, level l, y, x) = b*sum + off_l + y*Wl + x.
+    # [B, sum(Hl*Wl), C]; row of (level l, y, x) in its image's rows = off_l + y*Wl + x.
     buffer = jnp.concatenate(
         [f.astype(dtype).reshape(b, r, c) for f, r in zip(features, level_rows, strict=True)],
         axis=1,
-    ).reshape(b * rows_per_image, c)
+    )
     level = assign_levels(
         boxes,
         min_level=min_level,
@@ -541,8 +563,7 @@ def multilevel_roi_align(
     offsets = [0]
     for r in level_rows[:-1]:
         offsets.append(offsets[-1] + r)
-    image_base = jnp.repeat(jnp.arange(b, dtype=jnp.int32) * rows_per_image, n)
-    row_base = image_base + jnp.asarray(offsets, jnp.int32)[level]
+    row_base = jnp.asarray(offsets, jnp.int32)[level]
     heights_box = jnp.asarray(heights, jnp.int32)[level]
     widths_box = jnp.asarray(widths, jnp.int32)[level]
     scales_box = jnp.asarray([1.0 / s for s in strides], jnp.float32)[level]

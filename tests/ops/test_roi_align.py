@@ -603,3 +603,50 @@ def test_multilevel_rejects_bad_inputs():
         multilevel_roi_align(feats[:3], boxes, OUT)
     with pytest.raises(ValueError, match="boxes"):
         roi_align(feats[0], boxes[:1], OUT, 0.25)
+
+
+def test_data_sharded_batch_needs_no_collective():
+    """Each box reads its own image: with the batch sharded over 'data', forward and backward
+    compile without any collective (a flat [B * rows, C] table made XLA all-gather the pyramid),
+    and the gradient equals the unsharded one."""
+    import re
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py fakes 8 CPU devices)")
+    b = 4
+    mesh = Mesh(np.array(devices[:b]), ("data",))
+    rng = np.random.default_rng(0)
+    feats = [
+        jnp.asarray(rng.normal(size=(b, 64 // s, 64 // s, 8)), jnp.float32) for s in (4, 8, 16, 32)
+    ]
+    xy = rng.uniform(0, 40, size=(b, 6, 2))
+    boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 200, size=(b, 6, 2))], -1))
+    weights = jnp.asarray(rng.normal(size=(b, 6, 7, 7, 8)), jnp.float32)
+
+    def loss(fs, bx):
+        return (multilevel_roi_align(fs, bx, 7, sampling_ratio=0) * weights).sum()
+
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    grad = jax.jit(
+        jax.grad(loss), in_shardings=([sharded] * 4, sharded), out_shardings=[sharded] * 4
+    )
+    hlo = grad.lower(feats, boxes.astype(jnp.float32)).compile().as_text()
+    collectives = re.findall(
+        r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)[-(]", hlo
+    )
+    # Only the backward's loop bounds cross devices (which of the <= 6 samples per axis some box
+    # of the batch uses: pred[6] all-reduces); no feature data does.
+    assert collectives, "expected the loop-bound reductions"
+    for shapes, kind in collectives:
+        sizes = [
+            math.prod(int(d) for d in dims.split(",") if d)
+            for dims in re.findall(r"\[([\d,]*)\]", shapes)
+        ]
+        assert kind == "all-reduce" and max(sizes) <= 6, (shapes, kind)
+    want = jax.jit(jax.grad(loss))(feats, boxes.astype(jnp.float32))
+    got = grad(feats, boxes.astype(jnp.float32))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
