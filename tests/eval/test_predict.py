@@ -11,11 +11,9 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from eval_setup import SIZE
+from eval_setup import SIZE, save_variables_checkpoint
 from PIL import Image
 
 from oanet_jax.data import synthetic
@@ -30,14 +28,8 @@ def test_predict_script(tiny_setup, tmp_path):
     (before the fix: IsADirectoryError, then a bare OSError); the console shows the written PNGs
     on stdout and the summary on stderr, not the orbax / absl INFO lines; exit status 1 for the
     skipped bad file."""
-    from oanet_jax.train.checkpoint import TrainCheckpointManager
-
     config, _, variables, root = tiny_setup
-    workdir = tmp_path / "run"
-    # As the trainer stores them: unboxed from their logical-partitioning metadata.
-    state = {"params": nn.meta.unbox(variables["params"]), "step": jnp.asarray(5, jnp.int32)}
-    with TrainCheckpointManager(str(workdir), every_steps=1, keep=1, async_save=False) as mgr:
-        mgr.save(5, state, {"data_position": 5}, wait=True)
+    checkpoint = save_variables_checkpoint(variables, tmp_path / "run")
     val = sorted((root / "val" / "images").iterdir())
     inputs = tmp_path / "in"
     (inputs / "a").mkdir(parents=True)
@@ -54,7 +46,7 @@ def test_predict_script(tiny_setup, tmp_path):
             str(ROOT / "scripts" / "predict.py"),
             f"--config={ROOT / 'configs' / 'tiny.py'}",
             f"--config.data.root={root}",
-            f"--checkpoint={workdir / 'checkpoints' / '5'}",
+            f"--checkpoint={checkpoint}",
             f"--out={out}",
             str(inputs / "a" / "img.png"),
             str(inputs / "b"),
