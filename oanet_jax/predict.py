@@ -73,7 +73,8 @@ class PredictionReport:
     Attributes:
       written: (input path, written PNG) per predicted image, in input order.
       failed: (input path, reason) per bad input (missing or unreadable image).
-      skipped: (input path, reason) per input that is not an image (not an error).
+      skipped: (input path, reason) per input that is not an image to predict (a non-image
+        file, a sub-folder of a folder argument, a repeated file); not an error.
     """
 
     written: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -89,7 +90,7 @@ class PredictionReport:
             lines.append(f"Not predicted, bad input ({len(self.failed)}):")
             lines += [f"  {src}: {why}" for src, why in self.failed]
         if self.skipped:
-            lines.append(f"Skipped, not an image ({len(self.skipped)}):")
+            lines.append(f"Skipped, not an image to predict ({len(self.skipped)}):")
             lines += [f"  {src}: {why}" for src, why in self.skipped]
         return "\n".join(lines)
 
@@ -143,7 +144,12 @@ def collect_images(arguments: Sequence[str]) -> tuple[list[str], PredictionRepor
 
     for arg in arguments:
         if os.path.isdir(arg):
-            for name in sorted(os.listdir(arg)):
+            try:
+                names = sorted(os.listdir(arg))
+            except OSError as e:
+                report.failed.append((arg, f"cannot list the folder ({type(e).__name__}: {e})"))
+                continue
+            for name in names:
                 path = os.path.join(arg, name)
                 if os.path.isdir(path):
                     report.skipped.append((path, "a folder inside a folder argument: not searched"))
