@@ -9,19 +9,35 @@ maps each ordering's id map back to the original image (`data.transforms`) and d
         --out predictions data/synthetic/val/images/000001000001.png
 
 ``--checkpoint`` is a training work directory (latest checkpoint), its ``checkpoints/`` folder,
-or one step's folder ``<workdir>/checkpoints/<step>``. For each IMAGE it writes
-``<out>/<stem>_panoptic.png`` (panels: score-ordered merge, SRM-ordered merge, the pixels whose
-segment changed) and ``<out>/<stem>_segments.json``. Given an exported artifact
-(``oanet-export --format jax``) instead, `predict_exported` runs it (no ``--config`` needed) and
-writes COCO panoptic PNG + JSON (``<out>/panoptic_<ordering>.json``) and one overlay per image.
-orbax/absl INFO lines are hidden; ``-v 0`` shows them.
+or one step's folder ``<workdir>/checkpoints/<step>``; a checkpoint of another architecture than
+the config's raises `CheckpointMismatchError` before anything is predicted.
+
+Inputs (`collect_images`): each argument is an image file or a folder, whose image files (by
+extension, not searched recursively) are taken in sorted order. Files that are not images by
+their extension (``dir/*`` picking up a JSON, a sub-folder) are skipped and listed; a missing or
+unreadable image is a bad input: reported by name, then skipped (``--on_bad_image=skip``, the
+default; exit status 1 at the end) or the run stops there (``--on_bad_image=fail``).
+
+Output names (`output_names`), never colliding: the input's path relative to the common folder of
+all inputs, without its extension (one folder of inputs: ``<stem>``; ``a/x.jpg b/x.png``:
+``a/x``, ``b/x``, mirrored as sub-folders of ``--out``); a name taken by an earlier input
+(``x.jpg x.png`` in one folder) gets the first free ``_2``, ``_3``, ... suffix. For each input
+it writes ``<out>/<name>_panoptic.png`` (panels: score-ordered merge, SRM-ordered merge, the
+pixels whose segment changed) and ``<out>/<name>_segments.json``. The written PNGs are printed on
+stdout, one a line; a summary (each input and its output, and what was not predicted and why) on
+stderr. Given an exported artifact (``oanet-export --format jax``) as ``--checkpoint``,
+`predict_exported` runs it (no ``--config`` needed) and writes COCO panoptic PNG + JSON
+(``<out>/panoptic_<ordering>.json``) and one overlay per image. orbax/absl INFO lines are hidden;
+``-v 0`` shows them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,15 +54,143 @@ from oanet_jax.eval.ground_truth import data_path
 from oanet_jax.eval.inference import make_inference_fn
 
 __all__ = [
+    "BadImageError",
+    "PredictionReport",
+    "collect_images",
+    "image_extensions",
     "image_id_of",
     "load_category_table",
     "main",
+    "output_names",
     "predict_exported",
     "predict_images",
     "preprocess_image",
     "render_panels",
     "resolve_checkpoint",
 ]
+
+ON_BAD_IMAGE = ("skip", "fail")
+
+
+@dataclasses.dataclass
+class PredictionReport:
+    """What a prediction run did with its inputs.
+
+    Attributes:
+      written: (input path, written PNG) per predicted image, in input order.
+      failed: (input path, reason) per bad input (missing or unreadable image).
+      skipped: (input path, reason) per input that is not an image to predict (a non-image
+        file, a sub-folder of a folder argument, a repeated file); not an error.
+    """
+
+    written: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self, out_dir: str) -> str:
+        """The human-readable account printed at the end of a run (see the module docstring)."""
+        total = len(self.written) + len(self.failed)
+        lines = [f"Predicted {len(self.written)} of {total} images into {out_dir}."]
+        lines += [f"  {src} -> {png}" for src, png in self.written]
+        if self.failed:
+            lines.append(f"Not predicted, bad input ({len(self.failed)}):")
+            lines += [f"  {src}: {why}" for src, why in self.failed]
+        if self.skipped:
+            lines.append(f"Skipped, not an image to predict ({len(self.skipped)}):")
+            lines += [f"  {src}: {why}" for src, why in self.skipped]
+        return "\n".join(lines)
+
+
+class BadImageError(RuntimeError):
+    """A missing or unreadable input image with ``on_bad_image='fail'``.
+
+    Attributes:
+      path: the input.
+      report: what was written (and not) before the run stopped.
+    """
+
+    def __init__(self, path: str, reason: str, report: PredictionReport):
+        super().__init__(f"{path}: {reason} (stopped: on_bad_image='fail')")
+        self.path = path
+        self.report = report
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) of the image formats PIL can open."""
+    from PIL import Image
+
+    return frozenset(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def collect_images(arguments: Sequence[str]) -> tuple[list[str], PredictionReport]:
+    """The image files named by the command-line arguments (see the module docstring).
+
+    Args:
+      arguments: files and folders.
+
+    Returns:
+      (images, report): the image files in argument order (a folder's in sorted order, each file
+      once); ``report.failed`` lists the missing paths, ``report.skipped`` the non-images (by
+      extension), sub-folders of folder arguments and repeated files.
+    """
+    extensions = image_extensions()
+    report = PredictionReport()
+    images: list[str] = []
+    seen: set[str] = set()
+
+    def take(path: str) -> None:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in extensions:
+            report.skipped.append((path, f"not an image file (extension {ext or 'none'!r})"))
+        elif os.path.realpath(path) in seen:
+            report.skipped.append((path, "given twice; predicted once"))
+        else:
+            seen.add(os.path.realpath(path))
+            images.append(path)
+
+    for arg in arguments:
+        if os.path.isdir(arg):
+            try:
+                names = sorted(os.listdir(arg))
+            except OSError as e:
+                report.failed.append((arg, f"cannot list the folder ({type(e).__name__}: {e})"))
+                continue
+            for name in names:
+                path = os.path.join(arg, name)
+                if os.path.isdir(path):
+                    report.skipped.append((path, "a folder inside a folder argument: not searched"))
+                else:
+                    take(path)
+        elif os.path.isfile(arg):
+            take(arg)
+        else:
+            report.failed.append((arg, "no such file or folder"))
+    return images, report
+
+
+def output_names(image_paths: Sequence[str]) -> list[str]:
+    """Unique output names of the inputs (the rule of the module docstring).
+
+    Args:
+      image_paths: the input files, in order.
+
+    Returns:
+      One name per input ('/'-separated, no extension); no two equal, even ignoring case.
+    """
+    absolute = [os.path.abspath(p) for p in image_paths]
+    if not absolute:
+        return []
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    names: list[str] = []
+    taken: set[str] = set()
+    for path in absolute:
+        stem = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "/")
+        name, index = stem, 2
+        while name.casefold() in taken:
+            name, index = f"{stem}_{index}", index + 1
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def preprocess_image(image: np.ndarray, config: Any, image_id: int = 0) -> dict[str, np.ndarray]:
@@ -91,13 +235,16 @@ def predict_images(
     table: CategoryTable,
     orderings: Sequence[str] = ("score", "srm"),
     min_display_side: int = 384,
-) -> list[str]:
+    on_bad_image: str = "skip",
+    report: PredictionReport | None = None,
+) -> PredictionReport:
     """Panoptic predictions of image files, drawn side by side per ordering (plus a diff panel).
 
-    For each image, writes ``<out_dir>/<stem>_panoptic.png``: one panel per ordering (category
-    colours, instance outlines, "name score" labels; an instance keeps its colour across panels)
-    and, with two orderings, a panel of the pixels whose segment differs between them; and
-    ``<out_dir>/<stem>_segments.json`` with each ordering's segments_info (dataset category ids).
+    For each image, writes ``<out_dir>/<name>_panoptic.png`` (`output_names`: never the same
+    name for two inputs): one panel per ordering (category colours, instance outlines, "name
+    score" labels; an instance keeps its colour across panels) and, with two orderings, a panel of
+    the pixels whose segment differs between them; and ``<out_dir>/<name>_segments.json`` with
+    each ordering's segments_info (dataset category ids).
 
     Args:
       config: full config.
@@ -108,18 +255,36 @@ def predict_images(
       table: the category table (names, colours, dataset ids).
       orderings: merge orderings, one panel each.
       min_display_side: small images are upscaled (integer factor) to this shorter side.
+      on_bad_image: a file that cannot be read as an image is reported (logged with its name and
+        the error) and skipped ('skip') or raises `BadImageError` ('fail').
+      report: the report to add to (e.g. `collect_images`'s); default a new one.
 
     Returns:
-      The written PNG paths.
+      The report: each written PNG with its input, and the inputs that failed.
+
+    Raises:
+      BadImageError: with ``on_bad_image='fail'``, at the first unreadable file (its ``report``
+        holds what was written before).
     """
     from PIL import Image
 
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+    report = PredictionReport() if report is None else report
     os.makedirs(out_dir, exist_ok=True)
     infer = make_inference_fn(model, config, orderings, batch_size=1)
     variables = infer.put_variables(variables)
-    written = []
-    for index, path in enumerate(image_paths):
-        image = _read_rgb(path)
+    names = output_names(image_paths)
+    for index, (path, name) in enumerate(zip(image_paths, names, strict=True)):
+        try:
+            image = _read_rgb(path)  # decodes: a truncated file raises here
+        except Exception as e:  # noqa: BLE001 - any decoding failure is this file's fault
+            reason = f"cannot read the image ({type(e).__name__}: {e})"
+            report.failed.append((path, reason))
+            if on_bad_image == "fail":
+                raise BadImageError(path, reason, report) from e
+            logging.warning("%s: %s; skipped.", path, reason)
+            continue
         batch = preprocess_image(image, config, image_id=index)
         out = jax.device_get(infer(variables, batch))
         maps, segments = {}, {}
@@ -132,13 +297,13 @@ def predict_images(
                 batch["orig_shape"][0],
                 table,
             )
-        stem = os.path.splitext(os.path.basename(path))[0]
-        png = os.path.join(out_dir, f"{stem}_panoptic.png")
+        png = os.path.join(out_dir, f"{name}_panoptic.png")
+        os.makedirs(os.path.dirname(png), exist_ok=True)
         Image.fromarray(render_panels(image, maps, segments, table, min_display_side)).save(png)
-        write_json(os.path.join(out_dir, f"{stem}_segments.json"), segments, indent=1)
-        written.append(png)
+        write_json(os.path.join(out_dir, f"{name}_segments.json"), segments, indent=1)
+        report.written.append((path, png))
         logging.info("wrote %s", png)
-    return written
+    return report
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -375,18 +540,33 @@ def _define_flags() -> dict[str, Any]:
             "JSON with the category list (default: from the config's data files).",
         ),
         "orderings": flags.DEFINE_list("orderings", None, "Merge orderings (default config.eval)."),
+        "on_bad_image": flags.DEFINE_enum(
+            "on_bad_image",
+            "skip",
+            list(ON_BAD_IMAGE),
+            "A missing or unreadable image: reported and skipped (exit status 1 at the end), or "
+            "the run stops there ('fail').",
+        ),
     }
 
 
 def _run(argv: list[str], f: dict[str, Any]) -> None:
     """Restores the checkpoint and draws the predictions of the images given as arguments."""
-    images = argv[1:]
-    if not images:
-        raise app.UsageError("give at least one IMAGE")
+    if not argv[1:]:
+        raise app.UsageError("give at least one IMAGE or folder")
     setup_console()
     jax.config.parse_flags_with_absl()
     from oanet_jax import export
+    from oanet_jax.config_check import validate_config
 
+    out_dir, on_bad = f["out"].value, f["on_bad_image"].value
+    images, report = collect_images(argv[1:])
+    if not images or (report.failed and on_bad == "fail"):
+        print(report.summary(out_dir), file=sys.stderr, flush=True)
+        if report.failed and on_bad == "fail":
+            src, why = report.failed[0]
+            raise SystemExit(f"error: {src}: {why} (stopped: --on_bad_image=fail)")
+        raise app.UsageError("no image among the inputs")
     if export.is_artifact(f["checkpoint"].value):
         model = export.load(f["checkpoint"].value)
         wanted = f["orderings"].value
@@ -394,32 +574,46 @@ def _run(argv: list[str], f: dict[str, Any]) -> None:
             raise app.UsageError(
                 f"the artifact was exported with the {model.ordering!r} ordering, not {wanted}"
             )
-        json_path, paths = predict_exported(model, images, f["out"].value)
+        json_path, paths = predict_exported(model, images, out_dir)
         for p in paths:
             print(p)
         print(json_path)
         return
     from oanet_jax.modeling.build import build_model
     from oanet_jax.train.checkpoint import restore_variables
+    from oanet_jax.train.state import abstract_variables
 
     config = f["config"].value
     if config is None:
         raise app.UsageError("--config is required with a checkpoint (not an exported artifact)")
+    validate_config(config, "predict")
     workdir, step = resolve_checkpoint(f["checkpoint"].value)
-    variables, step = restore_variables(workdir, step)
+    model = build_model(config)
+    variables, step = restore_variables(workdir, step, expected=abstract_variables(config, model))
     logging.info("restored step %d from %s", step, workdir)
     table = load_category_table(config.data, f["categories"].value)
-    paths = predict_images(
-        config,
-        build_model(config),
-        variables,
-        images,
-        f["out"].value,
-        table=table,
-        orderings=tuple(f["orderings"].value or config.eval.orderings),
-    )
-    for p in paths:
-        print(p)
+    try:
+        predict_images(
+            config,
+            model,
+            variables,
+            images,
+            out_dir,
+            table=table,
+            orderings=tuple(f["orderings"].value or config.eval.orderings),
+            on_bad_image=on_bad,
+            report=report,
+        )
+    except BadImageError as e:
+        for _, png in e.report.written:
+            print(png)
+        print(e.report.summary(out_dir), file=sys.stderr, flush=True)
+        raise SystemExit(f"error: {e}") from None
+    for _, png in report.written:
+        print(png)
+    print(report.summary(out_dir), file=sys.stderr, flush=True)
+    if report.failed:
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -421,14 +421,25 @@ def evaluate_checkpoint(
     progress: bool = True,
 ) -> dict[str, Any]:
     """`evaluate` of a training checkpoint (default: the latest readable one of `workdir`;
-    ``best``: the one kept in ``checkpoints_best`` by evaluation during training)."""
+    ``best``: the one kept in ``checkpoints_best`` by evaluation during training).
+
+    Raises:
+      ConfigError: the config breaks a rule of `oanet_jax.config_check` (checked first).
+      CheckpointMismatchError: the checkpoint is of another architecture than the config's.
+    """
+    from oanet_jax.config_check import validate_config
     from oanet_jax.modeling.build import build_model
     from oanet_jax.train.checkpoint import restore_variables
+    from oanet_jax.train.state import abstract_variables
 
-    variables, step = restore_variables(workdir, checkpoint, best=best)
+    validate_config(config, "eval")
+    model = build_model(config)
+    variables, step = restore_variables(
+        workdir, checkpoint, best=best, expected=abstract_variables(config, model)
+    )
     return evaluate(
         config,
-        build_model(config),
+        model,
         variables,
         workdir,
         orderings=orderings,

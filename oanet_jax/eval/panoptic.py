@@ -51,7 +51,10 @@ def summarize_pq(result: Mapping[str, Any], table: CategoryTable) -> dict[str, A
 
     Returns:
       {'PQ', 'SQ', 'RQ', 'PQ_th', ..., 'RQ_st' (percent), 'n', 'n_th', 'n_st', 'per_class':
-      {name: {'category_id', 'isthing', 'PQ', 'SQ', 'RQ'}}}.
+      {name: {'category_id', 'isthing', 'PQ', 'SQ', 'RQ', 'TP', 'FP', 'FN'}}}. A category with
+      TP + FP + FN = 0 (in neither the ground truth nor the predictions) has PQ = SQ = RQ = 0.0,
+      as in panopticapi, and is left out of the averages; the counts tell it from a PQ of 0. A
+      `result` without counts (e.g. panopticapi's own) gives no 'TP', 'FP', 'FN'.
     """
     out: dict[str, Any] = {}
     for suffix, key in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
@@ -65,6 +68,7 @@ def summarize_pq(result: Mapping[str, Any], table: CategoryTable) -> dict[str, A
             "category_id": int(dataset_id),
             "isthing": bool(table.isthing[c]),
             **{m.upper(): 100.0 * float(values[m]) for m in ("pq", "sq", "rq")},
+            **{m.upper(): int(values[m]) for m in ("tp", "fp", "fn") if m in values},
         }
     out["per_class"] = per_class
     return out

@@ -46,13 +46,40 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append("")
     orderings = list(panoptic)
     if orderings:
-        lines += ["| category | thing | " + " | ".join(f"PQ ({o})" for o in orderings) + " |"]
-        lines += ["|---" * (len(orderings) + 2) + "|"]
-        for name, info in panoptic[orderings[0]]["per_class"].items():
-            cells = [f"{panoptic[o]['per_class'][name]['PQ']:.1f}" for o in orderings]
-            thing = "yes" if info["isthing"] else "no"
-            lines.append(f"| {name} | {thing} | " + " | ".join(cells) + " |")
+        lines += _per_class_lines(panoptic, orderings)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _absent(entry: Mapping[str, Any]) -> bool:
+    """True for a category with no ground-truth and no predicted segment (TP + FP + FN = 0)."""
+    return "TP" in entry and entry["TP"] + entry["FP"] + entry["FN"] == 0
+
+
+def _per_class_lines(panoptic: Mapping[str, Any], orderings: list[str]) -> list[str]:
+    """The per-class PQ table: '-' where a category is absent from an ordering's ground truth and
+    predictions (panopticapi's PQ 0.0 there is no score, and the averages leave it out); the
+    categories absent from every ordering are left out and counted below the table."""
+    lines = ["| category | thing | " + " | ".join(f"PQ ({o})" for o in orderings) + " |"]
+    lines += ["|---" * (len(orderings) + 2) + "|"]
+    left_out = dashes = 0
+    for name, info in panoptic[orderings[0]]["per_class"].items():
+        entries = [panoptic[o]["per_class"][name] for o in orderings]
+        if all(_absent(e) for e in entries):
+            left_out += 1
+            continue
+        cells = ["-" if _absent(e) else f"{e['PQ']:.1f}" for e in entries]
+        dashes += cells.count("-")
+        thing = "yes" if info["isthing"] else "no"
+        lines.append(f"| {name} | {thing} | " + " | ".join(cells) + " |")
+    notes = []
+    if left_out:
+        notes.append(
+            f"{left_out} categories with neither a ground-truth nor a predicted segment are left "
+            "out (as from the averages)."
+        )
+    if dashes:
+        notes.append("'-': no ground-truth and no predicted segment in that ordering.")
+    return lines + ([""] + notes if notes else [])
 
 
 def result_scalars(results: Mapping[str, Any]) -> dict[str, float]:

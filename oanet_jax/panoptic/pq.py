@@ -144,9 +144,11 @@ class PQStat:
           isthing: True: things, False: stuff, None: all.
 
         Returns:
-          ({'pq', 'sq', 'rq', 'n'}, {category id: {'pq', 'sq', 'rq'}}): the average over the `n`
-          categories with TP + FP + FN > 0 (0.0 with n = 0 when there is none), and per category
-          values (all 0.0 for categories without TP, FP or FN).
+          ({'pq', 'sq', 'rq', 'n'}, {category id: {'pq', 'sq', 'rq', 'tp', 'fp', 'fn'}}): the
+          average over the `n` categories with TP + FP + FN > 0 (0.0 with n = 0 when there is
+          none), and per category values as panopticapi's (all 0.0 for categories without TP, FP
+          or FN, which the average leaves out) plus the category's TP / FP / FN counts, by which
+          a report tells these absent categories from a PQ of 0.
         """
         pq = sq = rq = 0.0
         n = 0
@@ -155,15 +157,16 @@ class PQStat:
             if isthing is not None and isthing != (info["isthing"] == 1):
                 continue
             stat = self.pq_per_cat.get(label, PQStatCat())
+            counts = {"tp": stat.tp, "fp": stat.fp, "fn": stat.fn}
             if stat.tp + stat.fp + stat.fn == 0:
-                per_class[label] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+                per_class[label] = {"pq": 0.0, "sq": 0.0, "rq": 0.0, **counts}
                 continue
             n += 1
             denom = stat.tp + 0.5 * stat.fp + 0.5 * stat.fn
             pq_c = stat.iou / denom
             sq_c = stat.iou / stat.tp if stat.tp != 0 else 0.0
             rq_c = stat.tp / denom
-            per_class[label] = {"pq": pq_c, "sq": sq_c, "rq": rq_c}
+            per_class[label] = {"pq": pq_c, "sq": sq_c, "rq": rq_c, **counts}
             pq += pq_c
             sq += sq_c
             rq += rq_c

@@ -123,6 +123,29 @@ def compare_specs(expected: Any, saved: Any) -> list[str]:
     return problems
 
 
+def check_architecture(expected: Any, saved: Any, checkpoint: str, against: str) -> None:
+    """The architecture check shared by training, evaluation, prediction and export.
+
+    Args:
+        expected: the tree the config's model needs (a state, or ``{'params', 'batch_stats'}``
+            of ``ShapeDtypeStruct``s, e.g. `oanet_jax.train.state.abstract_variables`).
+        saved: the checkpoint's tree metadata (or another tree of arrays).
+        checkpoint: the checkpoint's path, for the message.
+        against: what `expected` is, for the message (e.g. 'the training state').
+
+    Raises:
+        CheckpointMismatchError: naming the checkpoint and up to 10 differing paths (missing,
+            extra, or another shape/dtype), with the hint that the config differs from the one
+            the checkpoint was trained with.
+    """
+    problems = compare_specs(expected, saved)
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint} does not match {against} (was it trained with another "
+            "config, e.g. another model.backbone or class count?):\n  " + "\n  ".join(problems)
+        )
+
+
 class TrainCheckpointManager:
     """Periodic, keep-N, optionally asynchronous checkpoints of a TrainState plus JSON metadata.
 
@@ -335,12 +358,7 @@ class TrainCheckpointManager:
             saved_tree = getattr(saved_tree, "tree", saved_tree)
         except Exception as e:  # noqa: BLE001 - any failure to read the metadata is corruption
             raise _Corrupt(e) from e
-        problems = compare_specs(target, saved_tree)
-        if problems:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match the training state (did the "
-                "config change?):\n  " + "\n  ".join(problems)
-            )
+        check_architecture(target, saved_tree, f"{self.directory}/{step}", "the training state")
         try:
             restored = self._manager.restore(
                 step,
@@ -438,7 +456,12 @@ class _Corrupt(Exception):
 
 
 def restore_variables(
-    workdir: str, step: int | None = None, *, shardings: Any = None, best: bool = False
+    workdir: str,
+    step: int | None = None,
+    *,
+    shardings: Any = None,
+    best: bool = False,
+    expected: Any = None,
 ) -> tuple[dict[str, Any], int]:
     """Restores the model variables (no optimizer state) for evaluation or export.
 
@@ -452,6 +475,10 @@ def restore_variables(
         best: read the best checkpoint (kept by evaluation during training) instead.
         shardings: optional pytree of shardings matching ``{'params': ..., 'batch_stats': ...}``
             (e.g. from ``create_train_state``); default: every array on the first local device.
+        expected: the variables the config's model needs (``{'params', 'batch_stats'}``, e.g.
+            `oanet_jax.train.state.abstract_variables`); a checkpoint of another architecture
+            then raises `CheckpointMismatchError` (see `check_architecture`) before any array is
+            read. None: no check.
 
     Returns:
         ``(variables, step)``: ``variables = {'params': ..., 'batch_stats': ...}`` of jax arrays,
@@ -460,6 +487,7 @@ def restore_variables(
     Raises:
         FileNotFoundError: no checkpoint (or not the requested step).
         NoReadableCheckpointError: none of the candidate checkpoints could be read.
+        CheckpointMismatchError: with `expected`, a readable checkpoint of another architecture.
     """
     manager = TrainCheckpointManager(
         workdir, every_steps=0, keep=0, read_only=True, subdir=BEST_DIR if best else CHECKPOINT_DIR
@@ -475,7 +503,9 @@ def restore_variables(
         failures = []
         for s in reversed(steps):
             try:
-                return _restore_variables_step(manager, s, shardings), s
+                return _restore_variables_step(manager, s, shardings, expected), s
+            except CheckpointMismatchError:
+                raise  # readable, but of another architecture: not a reason to fall back
             except Exception as e:  # noqa: BLE001 - report and try the previous one
                 logging.warning(
                     "Checkpoint at step %d in %s is unreadable: %s: %s",
@@ -493,13 +523,20 @@ def restore_variables(
 
 
 def _restore_variables_step(
-    manager: TrainCheckpointManager, step: int, shardings: Any
+    manager: TrainCheckpointManager, step: int, shardings: Any, expected: Any
 ) -> dict[str, Any]:
     tree = manager._manager.item_metadata(step)[STATE_ITEM]
     if tree is None:
         raise FileNotFoundError(f"checkpoint {step} has no '{STATE_ITEM}' item")
     tree = getattr(tree, "tree", tree)
     saved = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {}) or {}}
+    if expected is not None:
+        wanted = {
+            "params": expected["params"],
+            "batch_stats": expected.get("batch_stats", {}) or {},
+        }
+        where = os.path.join(manager.directory, str(step))
+        check_architecture(wanted, saved, where, "the model of the config")
     if shardings is None:
         device = jax.local_devices()[0]
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), saved)

@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 
 from oanet_jax.common.metric_writer import MetricWriter
+from oanet_jax.config_check import announce_synthetic_generation, validate_config
 from oanet_jax.data import spec as data_spec
 from oanet_jax.train import checkpoint as ckpt_lib
 from oanet_jax.train.periodic_eval import PeriodicEvaluation
@@ -85,13 +86,9 @@ def maybe_generate_synthetic(config: ml_collections.ConfigDict) -> bool:
 
     size = tuple(int(v) for v in d.get("synthetic_size", d.image_size))
     num_val = int(d.get("synthetic_num_val_images", max(1, int(d.synthetic_num_images) // 10)))
-    who = f"process {jax.process_index()}" if jax.process_count() > 1 else "this process"
-    print(
-        f"Data root {d.root} does not exist for {who}: generating the synthetic dataset there "
-        f"({d.synthetic_num_images} train + {num_val} val images of {size[0]}x{size[1]}, "
-        f"seed {config.seed}).",
-        flush=True,
-    )
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}: generating its own copy.", flush=True)
+    announce_synthetic_generation(d.root, int(d.synthetic_num_images), num_val, size)
     t0 = time.time()
     tmp = f"{d.root.rstrip('/')}.tmp-{socket.gethostname()}-{jax.process_index()}-{os.getpid()}"
     synthetic.generate(tmp, int(d.synthetic_num_images), num_val, int(config.seed), size)
@@ -294,6 +291,7 @@ def train_and_evaluate(
     from oanet_jax.train import step as step_lib
 
     sharding_lib.maybe_initialize_distributed(config.sharding)
+    validate_config(config, "train")  # after distributed init: the mesh spans every process
     try:  # keep TensorFlow (input pipeline, summaries) off the accelerators
         import tensorflow as tf
 

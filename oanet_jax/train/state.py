@@ -182,3 +182,29 @@ def _compile_init(lowered: jax.stages.Lowered, mesh: Mesh) -> jax.stages.Compile
         except Exception:  # noqa: BLE001 - an XLA without these options: compile normally
             pass
     return lowered.compile()
+
+
+def abstract_variables(config: Any, model: nn.Module) -> dict[str, Any]:
+    """The shapes and dtypes of the variables the config's model has, without computing them.
+
+    ``jax.eval_shape`` of the inference ``model.init`` at ``config.data.image_size`` (batch 1):
+    the tree a checkpoint must hold for evaluation, prediction or export (see
+    `oanet_jax.train.checkpoint.restore_variables`'s ``expected``). Tracing only; nothing is
+    compiled.
+
+    Args:
+      config: full config (``data.image_size``).
+      model: the OANet module (``build_model(config)``).
+
+    Returns:
+      ``{'params': ..., 'batch_stats': ...}`` of unboxed ``jax.ShapeDtypeStruct`` leaves
+      (``batch_stats`` is ``{}`` when the model has none).
+    """
+    hp, wp = (int(v) for v in config.data.image_size)
+    dummy = {
+        "image": jax.ShapeDtypeStruct((1, hp, wp, 3), jnp.uint8),
+        "image_shape": jax.ShapeDtypeStruct((1, 2), jnp.int32),
+    }
+    shapes = jax.eval_shape(lambda k, b: model.init({"params": k}, b), jax.random.key(0), dummy)
+    shapes = nn.meta.unbox(shapes)
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}

@@ -6,3 +6,19 @@ gives a second batch with 1 valid and 3 padding examples.
 
 SIZE = (48, 56)
 NUM_VAL = 5
+
+
+def save_variables_checkpoint(variables, workdir, step: int = 5) -> str:
+    """Saves `variables` as the trainer stores them (params unboxed from their logical-
+    partitioning metadata) as checkpoint `step` of `workdir`; returns the step's folder."""
+    import os
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from oanet_jax.train.checkpoint import CHECKPOINT_DIR, TrainCheckpointManager
+
+    state = {"params": nn.meta.unbox(variables["params"]), "step": jnp.asarray(step, jnp.int32)}
+    with TrainCheckpointManager(str(workdir), every_steps=1, keep=1, async_save=False) as mgr:
+        mgr.save(step, state, {"data_position": step}, wait=True)
+    return os.path.join(str(workdir), CHECKPOINT_DIR, str(step))

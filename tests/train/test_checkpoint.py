@@ -227,6 +227,31 @@ def test_restore_variables(tmp_path, caplog):
         ckpt_lib.restore_variables(str(tmp_path / "nothing"))
 
 
+@_QUIET
+def test_restore_variables_checks_the_architecture(tmp_path):
+    """The architecture check of evaluation / prediction: a readable checkpoint whose arrays
+    differ from the model's raises CheckpointMismatchError naming the array (no fallback to an
+    older step, which is of the same architecture); a matching one restores."""
+    mesh = _mesh()
+    states, _ = _save_steps(str(tmp_path), mesh, [5, 10], keep=3, async_save=False)
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)  # noqa: E731
+    expected = {
+        "params": jax.tree.map(spec, states[10].params),
+        "batch_stats": jax.tree.map(spec, states[10].batch_stats),
+    }
+    variables, step = ckpt_lib.restore_variables(str(tmp_path), expected=expected)
+    assert step == 10
+    _assert_equal_trees(variables["params"], states[10].params)
+    expected["params"]["dense"]["kernel"] = jax.ShapeDtypeStruct((8, 7), np.float32)
+    expected["params"]["extra"] = {"bias": jax.ShapeDtypeStruct((3,), np.float32)}
+    with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
+        ckpt_lib.restore_variables(str(tmp_path), expected=expected)
+    message = str(err.value)
+    assert os.path.join(ckpt_lib.CHECKPOINT_DIR, "10") in message
+    assert "params/dense/kernel: expected ((8, 7), 'float32'), checkpoint has ((8, 6)" in message
+    assert "params/extra/bias: missing in the checkpoint" in message
+
+
 def test_init_from_pretrained_overlays_subtree(tmp_path):
     """Converted weights replace exactly the arrays they hold, sharded like the state."""
     import orbax.checkpoint as ocp
