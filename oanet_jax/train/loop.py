@@ -5,7 +5,8 @@ One call trains from the latest checkpoint in ``workdir`` (or from scratch) to
 
 1. ``jax.distributed`` (when configured), the device mesh, the model and the train state, restored
    from ``workdir/checkpoints`` when one exists (sharded on restore; see
-   :mod:`oanet_jax.train.checkpoint`).
+   :mod:`oanet_jax.train.checkpoint`). A new run of ``model.norm='frozen_bn'`` without
+   ``train.init_checkpoint`` is refused first (:func:`check_norm_init`).
 2. The input pipeline from ``start_step`` = the restored step with the data seed stored in the
    checkpoint, so a resumed run sees exactly the batches the uninterrupted run would have seen.
    The batches come from a daemon thread (:class:`_BatchFetcher`), so that the main thread
