@@ -44,4 +44,4 @@ def test_coco_config_builds_and_trains_one_step(name, depth_blocks, train_step):
     train_state, metrics = fn(train_state, sharding.shard_batch(batch, mesh))
     metrics = jax.device_get(metrics)
     assert np.isfinite(metrics["total"]) and metrics["total"] > 0
-    assert int(metrics["skipped"]) == 0
+    assert int(metrics["nonfinite_skipped"]) == 0

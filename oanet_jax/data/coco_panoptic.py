@@ -160,6 +160,14 @@ def _rebuild_data_error(detail: str, kwargs: dict) -> DataError:
     return DataError(detail, **kwargs)
 
 
+class AllRecordsSkippedError(ValueError):
+    """``skip_bad_records`` dropped every record of a full pass: training would wait forever.
+
+    The message reads ``all N records of split S were skipped; first reasons: ...`` (the count
+    of each reason and the first skipped record's message of each).
+    """
+
+
 # --------------------------------------------------------------------------------- categories
 
 
@@ -433,6 +441,8 @@ class CocoPanopticReader:
         self.keep_empty_images = bool(keep_empty_images)
         self.max_instances = None if max_instances is None else int(max_instances)
         self.summary: collections.Counter[str] = collections.Counter()
+        # The message of the first skipped record of each reason (for error reports).
+        self.first_skips: dict[str, str] = {}
         self._counted: dict[str, set[int]] = collections.defaultdict(set)
         self._lock = threading.Lock()
         # Instances JSON: each annotation's run lengths and box, decoded once (read_meta).
@@ -610,6 +620,11 @@ class CocoPanopticReader:
     def num_skipped(self) -> int:
         """Number of records skipped so far (all reasons)."""
         return sum(v for k, v in self.summary.items() if k in SKIP_REASONS)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Records skipped so far per reason (``SKIP_REASONS`` keys of ``summary``), sorted."""
+        with self._lock:
+            return {k: v for k, v in sorted(self.summary.items()) if k in SKIP_REASONS}
 
     def summary_line(self) -> str:
         """One line: images listed, records skipped by reason, conversions and notes."""
@@ -834,6 +849,8 @@ class CocoPanopticReader:
         iid = self.image_ids[index]
         if iid not in self._counted[err.reason]:
             logger.warning("Skipping bad record: %s", err)
+        with self._lock:
+            self.first_skips.setdefault(err.reason, str(err))
         self._count(err.reason, iid)
 
     def maybe_read_meta(self, index: int) -> dict | None:

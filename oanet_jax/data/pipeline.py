@@ -33,6 +33,8 @@ The parallel maps run with ``deterministic=True``.
 from __future__ import annotations
 
 import atexit
+import collections
+import copy
 import io
 import logging
 import threading
@@ -170,29 +172,209 @@ def _record_meta(
 
 
 class _SkipCounter:
-    """Thread-safe count of records dropped by ``skip_bad_records``."""
+    """Thread-safe count of examples dropped by ``skip_bad_records`` (TFDS source), by reason.
+
+    Same reporting interface as the reader: :meth:`skipped_by_reason` and ``first_skips``.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.count = 0
+        self._counts: dict[str, int] = {}
+        self.first_skips: dict[str, str] = {}
 
-    def add(self, message: str) -> None:
+    def add(self, reason: str, message: str) -> None:
         with self._lock:
-            self.count += 1
-            count = self.count
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+            self.first_skips.setdefault(reason, message)
+            count = sum(self._counts.values())
         _LOG.warning("skipping bad record (%d so far): %s", count, message)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self._counts.items()))
+
+
+class _PipelineClosed(Exception):
+    """Raised by a closed pipeline's Python stages, so that a blocked consumer returns."""
+
+
+class PipelineControl:
+    """What one pipeline's Python stages share with its consumer (:class:`NumpyBatches`).
+
+    Every Python function the pipeline calls from tf.data's threads runs through :meth:`call`,
+    which remembers the exceptions it raises (so that the consumer can re-raise the original
+    error instead of TensorFlow's ``InvalidArgumentError`` wrapper) and, once :meth:`close` was
+    called, raises at once (so that a consumer thread blocked in ``next`` gets an answer).
+
+    Attributes:
+        split: 'train' or 'eval' (for messages).
+        skip_bad_records: whether bad records are skipped (for the hint of a data error).
+        skips: the skip accounting of the source (``skipped_by_reason()`` and ``first_skips``),
+            set by the builder; None until then.
+    """
+
+    def __init__(self, split: str, skip_bad_records: bool):
+        self.split = split
+        self.skip_bad_records = bool(skip_bad_records)
+        self.skips: Any = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._errors: collections.deque[BaseException] = collections.deque(maxlen=16)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, remembering what it raises; raises at once after :meth:`close`."""
+        try:
+            if self._closed.is_set():
+                raise _PipelineClosed("input pipeline closed")
+            return fn(*args)
+        except Exception as e:
+            with self._lock:
+                self._errors.append(e)
+            raise
+
+    def close(self) -> None:
+        """Makes every later Python stage raise, which ends a blocked ``next`` promptly."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def original_error(self, err: tf.errors.OpError) -> BaseException | None:
+        """The remembered exception that ``err`` (TensorFlow's wrapper) reports, or None."""
+        message = str(getattr(err, "message", err))
+        with self._lock:
+            errors = list(self._errors)
+        for e in reversed(errors):
+            if str(e) and str(e) in message:
+                return e
+        return errors[-1] if errors else None
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Records skipped so far by this process's pipeline, per reason ({} without skips)."""
+        return {} if self.skips is None else self.skips.skipped_by_reason()
+
+
+class NumpyBatches:
+    """Iterator of numpy batch dicts over a pipeline, with errors reported as the user's own.
+
+    A Python exception raised inside the pipeline (a :class:`DataError` naming the file and the
+    record, :class:`AllRecordsSkippedError`, ...) reaches the caller as itself, with one note of
+    context (where it was raised, the TensorFlow error type) instead of TensorFlow's wrapper and
+    its traceback; a :class:`DataError` gets the ``skip_bad_records`` hint when skipping is off.
+    """
+
+    def __init__(self, ds: tf.data.Dataset, control: PipelineControl):
+        self._iterator = ds.as_numpy_iterator()
+        self.control = control
+
+    def __iter__(self) -> NumpyBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self._iterator)
+        except tf.errors.OpError as err:
+            original = self.control.original_error(err)
+            if original is None:
+                raise
+            if isinstance(original, _PipelineClosed):
+                raise StopIteration from None
+            raise _with_context(original, err, self.control) from None
+
+    def skipped_records(self) -> dict[str, int]:
+        """Records skipped so far, per reason (``data.skip_bad_records``; {} when none)."""
+        return self.control.skipped_by_reason()
+
+    def close(self) -> None:
+        """Stops the pipeline's Python stages: a ``next`` blocked in another thread returns."""
+        self.control.close()
+
+
+def _with_context(
+    original: BaseException, wrapper: tf.errors.OpError, control: PipelineControl
+) -> BaseException:
+    """``original`` with a one-line note of where it was raised (and the skip hint)."""
+    err = copy.copy(original)  # the remembered object may be re-raised by a later ``next``
+    err.__traceback__ = None
+    err.__notes__ = [
+        f"(raised in the tf.data input pipeline of split {control.split!r}; TensorFlow "
+        f"reported it as {type(wrapper).__name__})"
+    ]
+    if isinstance(original, coco_panoptic.DataError) and not control.skip_bad_records:
+        err.__notes__.append(
+            "Set --config.data.skip_bad_records=True to skip such records (counted per reason "
+            "in the run report and in metrics.jsonl) instead of stopping."
+        )
+    return err
+
+
+class _PassGuard:
+    """The training filter of skipped records: raises once a full pass has yielded nothing.
+
+    Called in stream order (``filter`` is sequential) with each example's stream position and
+    validity. Positions ``[e * L, (e + 1) * L)`` are pass ``e`` of this host's records (``L``
+    per pass); when all ``L`` of a pass are invalid, every record of the host's share is bad and
+    the stream would never yield: :class:`AllRecordsSkippedError` instead of a silent hang.
+    """
+
+    def __init__(self, per_pass: int, what: str, control: PipelineControl):
+        self.per_pass = int(per_pass)
+        self.what = what
+        self.control = control
+        self._pass = -1
+        self._bad = 0
+
+    def __call__(self, position: Any, valid: Any) -> np.bool_:
+        epoch = int(position) // self.per_pass
+        if epoch != self._pass:
+            self._pass, self._bad = epoch, 0
+        if not bool(valid):
+            self._bad += 1
+            if self._bad >= self.per_pass:
+                raise coco_panoptic.AllRecordsSkippedError(self.message())
+        return np.bool_(valid)
+
+    def message(self) -> str:
+        skips = self.control.skips
+        counts = self.control.skipped_by_reason()
+        first = dict(getattr(skips, "first_skips", {}) or {})
+        reasons = "; ".join(
+            f"{reason} x{count}: {first.get(reason, '?')}" for reason, count in counts.items()
+        )
+        return (
+            f"all {self.per_pass} records of {self.what} were skipped (data.skip_bad_records="
+            f"True): a full pass over the data yielded no example; first reasons: "
+            f"{reasons or 'none recorded'}"
+        )
 
 
 def _finish(
     ds: tf.data.Dataset,
     batch_size: int,
     prefetch: int,
-    drop_bad: bool,
+    guard: _PassGuard | None,
     cfg: TransformConfig | None = None,
 ) -> tf.data.Dataset:
-    """Filter (skipped records), batch (padded to the spec when ``cfg`` is given), prefetch."""
-    if drop_bad:
-        ds = ds.filter(lambda ex: ex["example_valid"])
+    """Filter (skipped records, through ``guard``), batch, prefetch.
+
+    ``ds`` yields ``(position, example)``; without a guard nothing is dropped. Batches are padded
+    to the spec when ``cfg`` is given.
+    """
+    if guard is not None:
+
+        def keep(position: tf.Tensor, ex: dict[str, tf.Tensor]) -> tf.Tensor:
+            flag = tf.numpy_function(
+                lambda q, v: guard.control.call(guard, q, v),
+                [position, ex["example_valid"]],
+                tf.bool,
+                stateful=True,
+            )
+            flag.set_shape([])
+            return flag
+
+        ds = ds.filter(keep)
+    ds = ds.map(lambda position, ex: ex)
     if cfg is None:
         ds = ds.batch(batch_size, drop_remainder=True)
     else:  # the TF transform's examples: padded here, in the batch copy
@@ -223,6 +405,7 @@ def dataset_from_reader(
     random_flip: bool = True,
     skip_bad_records: bool = False,
     prefetch: int = 2,
+    control: PipelineControl | None = None,
 ) -> tf.data.Dataset:
     """Batched tf.data.Dataset over a reader (see the module docstring for order and keys).
 
@@ -244,12 +427,19 @@ def dataset_from_reader(
             ``reader.summary``. Otherwise the DataError (naming file and record) stops the
             pipeline. In training, a resume at step k restarts at stream position
             ``k * B``; if records were dropped before it, the resumed batches are shifted by that
-            many examples relative to the uninterrupted run.
+            many examples relative to the uninterrupted run. A training pass whose every
+            record is skipped raises :class:`AllRecordsSkippedError` (instead of a stream that
+            never yields).
         prefetch: batches to prefetch (<= 0: autotune).
+        control: the :class:`PipelineControl` its Python stages report to (default: a new
+            one; :func:`numpy_batches` passes the one its iterator reads).
 
     Returns:
         tf.data.Dataset of batch dicts.
     """
+    if control is None:
+        control = PipelineControl("train" if training else "eval", skip_bad_records)
+    control.skips = reader
 
     plan = None
     if training:
@@ -269,6 +459,9 @@ def dataset_from_reader(
         ds = tf.data.Dataset.from_tensor_slices(indices)
 
     def meta(q) -> list[np.ndarray]:
+        return control.call(meta_of, q)
+
+    def meta_of(q) -> list[np.ndarray]:
         if not _EXIT_GUARD.enter():
             return _meta_list(tf_transforms.empty_meta())
         try:
@@ -287,6 +480,9 @@ def dataset_from_reader(
             _EXIT_GUARD.leave()
 
     def segment_check(index, extra, missing) -> np.bool_:
+        return control.call(segment_raise, index, extra, missing)
+
+    def segment_raise(index, extra, missing) -> np.bool_:
         index = int(index)
         err = reader.segment_mismatch_error(
             reader.image_ids[index], reader.panoptic_png(index), np.sort(extra), np.sort(missing)
@@ -301,10 +497,21 @@ def dataset_from_reader(
         for k, t in zip(tf_transforms.META_KEYS, flat, strict=True):
             t.set_shape(tf_transforms.META_SIGNATURE[k][1])
             m[k] = t
-        return tf_transforms.transform_example(m, cfg, segment_check)
+        return q, tf_transforms.transform_example(m, cfg, segment_check)
 
     ds = ds.map(mapper, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _finish(ds, batch_size, prefetch, drop_bad=training and skip_bad_records, cfg=cfg)
+    guard = None
+    if training and skip_bad_records:
+        what = f"split {control.split!r} ({reader_name(reader)})"
+        if process_count > 1:
+            what = f"host {process_index}'s share of {what}"
+        guard = _PassGuard(plan.per_host_epoch, what, control)
+    return _finish(ds, batch_size, prefetch, guard, cfg=cfg)
+
+
+def reader_name(reader: Any) -> str:
+    """The file a reader reads (its panoptic JSON), or its type name, for messages."""
+    return str(getattr(reader, "panoptic_json", type(reader).__name__))
 
 
 def dataset_from_tfds_features(
@@ -327,6 +534,7 @@ def dataset_from_tfds_features(
     shuffle_buffer: int = 1024,
     skip_bad_records: bool = False,
     prefetch: int = 2,
+    control: PipelineControl | None = None,
 ) -> tf.data.Dataset:
     """Batched dataset from this host's TFDS ``coco/2017_panoptic`` examples.
 
@@ -350,7 +558,8 @@ def dataset_from_tfds_features(
         process_index: h (for the augmentation position).
         process_count: P.
         num_examples: this host's example count (eval: for padding when ``num_eval_batches`` is
-            None).
+            None; training with ``skip_bad_records``: the pass length after which a pass that
+            yielded nothing raises :class:`AllRecordsSkippedError`).
         num_eval_batches: batches every host yields in eval.
         train_sizes: ``min_size_train``.
         test_size: ``min_size_test``.
@@ -358,6 +567,7 @@ def dataset_from_tfds_features(
         shuffle_buffer: tf.data shuffle buffer (training).
         skip_bad_records: a bad example is dropped (training) / padded (eval) instead of failing.
         prefetch: batches to prefetch.
+        control: see :func:`dataset_from_reader`.
 
     Returns:
         tf.data.Dataset of batch dicts.
@@ -366,6 +576,9 @@ def dataset_from_tfds_features(
     isthing = np.asarray(isthing, np.bool_)
     sizes = tuple(int(v) for v in train_sizes)
     counter = _SkipCounter()
+    if control is None:
+        control = PipelineControl("train" if training else "eval", skip_bad_records)
+    control.skips = counter
 
     def decode(value: Any) -> np.ndarray:
         if isinstance(value, (bytes, np.bytes_)) or (
@@ -377,7 +590,10 @@ def dataset_from_tfds_features(
                 return np.asarray(im.convert("RGB"))
         return np.asarray(value, np.uint8)
 
-    def make(q, image, pan, image_id, seg_ids, labels, crowd):
+    def make(*args):
+        return control.call(make_example, *args)
+
+    def make_example(q, image, pan, image_id, seg_ids, labels, crowd):
         features = {
             "image": decode(image),
             "panoptic_image": decode(pan),
@@ -397,7 +613,7 @@ def dataset_from_tfds_features(
         except ValueError as err:
             if not skip_bad_records:
                 raise
-            counter.add(str(err))
+            counter.add(getattr(err, "reason", "invalid_example"), str(err))
             return spec.padding_example(cfg)
 
     def mapper(q, f):
@@ -411,7 +627,7 @@ def dataset_from_tfds_features(
             tf.cast(objects["label"], tf.int64),
             tf.cast(objects["is_crowd"], tf.bool),
         ]
-        return _numpy_map(make, inputs, cfg)
+        return q, _numpy_map(make, inputs, cfg)
 
     ds = features_ds
     if training:
@@ -428,9 +644,12 @@ def dataset_from_tfds_features(
                 raise ValueError("eval needs num_examples or num_eval_batches")
             num_eval_batches = max(1, -(-int(num_examples) // batch_size))
         pad = {k: tf.constant(v) for k, v in spec.padding_example(cfg).items()}
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
-        ds = ds.take(int(num_eval_batches) * batch_size)
-    return _finish(ds, batch_size, prefetch, drop_bad=training and skip_bad_records)
+        padding = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), pad)).repeat()
+        ds = ds.concatenate(padding).take(int(num_eval_batches) * batch_size)
+    guard = None
+    if training and skip_bad_records and num_examples:
+        guard = _PassGuard(int(num_examples), f"split {control.split!r} (TFDS)", control)
+    return _finish(ds, batch_size, prefetch, guard)
 
 
 def make_reader(config_data: Any, split: str) -> coco_panoptic.CocoPanopticReader:
@@ -473,6 +692,7 @@ def build_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     reader: Any | None = None,
+    control: PipelineControl | None = None,
 ) -> tf.data.Dataset:
     """The input pipeline of one host (see the module docstring for keys, order, determinism).
 
@@ -487,6 +707,7 @@ def build_dataset(
         process_index: this host, default ``jax.process_index()``.
         process_count: hosts, default ``jax.process_count()``.
         reader: an already constructed reader to use instead of :func:`make_reader` (raw source).
+        control: the :class:`PipelineControl` of the pipeline (see :func:`numpy_batches`).
 
     Returns:
         tf.data.Dataset yielding batch dicts of static shape.
@@ -518,6 +739,7 @@ def build_dataset(
             start_step=start_step,
             process_index=int(process_index),
             process_count=int(process_count),
+            num_examples=host.num_examples,
             num_eval_batches=max(1, -(-host.max_host_examples // batch_size)),
             train_sizes=tuple(d.min_size_train),
             test_size=int(d.min_size_test),
@@ -525,6 +747,7 @@ def build_dataset(
             shuffle_buffer=int(d.shuffle_buffer),
             skip_bad_records=bool(d.skip_bad_records),
             prefetch=int(d.prefetch),
+            control=control,
         )
     if d.source != "coco_panoptic":
         raise ValueError(f"unknown data.source {d.source!r} (coco_panoptic | tfds)")
@@ -544,4 +767,26 @@ def build_dataset(
         random_flip=bool(d.random_flip),
         skip_bad_records=bool(d.skip_bad_records),
         prefetch=int(d.prefetch),
+        control=control,
     )
+
+
+def numpy_batches(config: Any, split: str, **kwargs: Any) -> NumpyBatches:
+    """:func:`build_dataset` as a :class:`NumpyBatches` iterator.
+
+    The iterator re-raises errors of the pipeline's Python stages as themselves (a DataError
+    first, with one line of context and the ``skip_bad_records`` hint), reports the records
+    skipped so far (``skipped_records()``) and can be closed from another thread.
+
+    Args:
+        config: full config.
+        split: 'train' or 'eval'.
+        **kwargs: the keyword arguments of :func:`build_dataset` (``training``, ``batch_size``,
+            ``seed``, ...), except ``control``.
+
+    Returns:
+        The iterator.
+    """
+    control = PipelineControl(split, bool(config.data.skip_bad_records))
+    ds = build_dataset(config, split, control=control, **kwargs)
+    return NumpyBatches(ds, control)

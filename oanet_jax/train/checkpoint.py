@@ -23,7 +23,8 @@ kept, and unfinished temporary directories of a killed save are removed when the
 
 Restore: :meth:`TrainCheckpointManager.restore` tries the latest step first. A checkpoint whose
 files are missing, truncated or corrupted (orbax / tensorstore raise on read: OCDBT data files are
-checksummed) is reported with an absl warning naming the step and the error, moved to
+checksummed) is reported with a one-line absl warning naming the step and the gist of the error
+(:func:`short_error`; TensorStore's full text is logged at debug level), moved to
 ``checkpoints_corrupt/`` (so a later save of the same step cannot collide with it) and the previous
 step is tried. A checkpoint that is readable but does not match the expected state (other shapes:
 the config changed) is NOT treated as corrupt: :class:`CheckpointMismatchError` is raised.
@@ -434,17 +435,30 @@ class TrainCheckpointManager:
                 else:
                     action = "it was requested explicitly, so there is no fallback"
                 logging.warning(
-                    "Checkpoint at step %d (%s) is unreadable (%s: %s); %s.",
+                    "Checkpoint at step %d (%s) is unreadable (%s); %s.",
                     s,
                     path,
-                    type(err).__name__,
-                    str(err)[:1000],
+                    short_error(err),
                     action,
                 )
-                failures.append(f"step {s}: {type(err).__name__}: {str(err)[:300]}")
+                logging.debug("Checkpoint at step %d: full error", s, exc_info=err)
+                failures.append(f"step {s}: {short_error(err)}")
         raise NoReadableCheckpointError(
             f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(failures)
         )
+
+
+def short_error(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an error, without TensorStore's spec dump, at most ``limit`` chars.
+
+    orbax / TensorStore read errors carry the whole TensorStore spec (and nested causes, often
+    hundreds of lines); the warning keeps the gist and the full text goes to debug logging.
+    """
+    text = str(err).strip()
+    text = text.split("\n", 1)[0].split(" [tensorstore_spec=", 1)[0].split("[source locations=")[0]
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class _Corrupt(Exception):
@@ -508,13 +522,13 @@ def restore_variables(
                 raise  # readable, but of another architecture: not a reason to fall back
             except Exception as e:  # noqa: BLE001 - report and try the previous one
                 logging.warning(
-                    "Checkpoint at step %d in %s is unreadable: %s: %s",
+                    "Checkpoint at step %d in %s is unreadable (%s); trying the previous one.",
                     s,
                     manager.directory,
-                    type(e).__name__,
-                    str(e)[:1000],
+                    short_error(e),
                 )
-                failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+                logging.debug("Checkpoint at step %d: full error", s, exc_info=e)
+                failures.append(f"step {s}: {short_error(e)}")
         raise NoReadableCheckpointError(
             f"no readable checkpoint in {manager.directory}:\n  " + "\n  ".join(failures)
         )

@@ -10,13 +10,17 @@ checkpoint at the current step and exit with status 0. With the synthetic config
 generated at `config.data.root` if it does not exist. With ``config.eval.every_steps`` /
 ``config.eval.at_end`` it also evaluates (see `oanet_jax.train.periodic_eval`). orbax/absl INFO
 lines are hidden; ``-v 0`` shows them. Does not import torch.
+
+A bad record of the training data (``DataError``, or ``AllRecordsSkippedError`` when
+``data.skip_bad_records`` dropped a whole pass) ends the run with its message first, one line of
+context and exit status 1; the traceback is logged at debug level (``-v 1``).
 """
 
 from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oanet_jax.common.console import setup_console
@@ -30,9 +34,19 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     setup_console()
+    from oanet_jax.data.coco_panoptic import AllRecordsSkippedError, DataError
     from oanet_jax.train import loop
 
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (DataError, AllRecordsSkippedError) as e:
+        logging.debug("Training stopped by a data error", exc_info=True)
+        raise SystemExit(error_text(e)) from None
+
+
+def error_text(err: BaseException) -> str:
+    """``Type: message`` and the exception's notes, one per line (what the user reads)."""
+    return "\n".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", ())])
 
 
 def main() -> None:

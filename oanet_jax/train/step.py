@@ -6,11 +6,11 @@ state's shardings and ``donate_argnums=0`` (see :func:`jit_train_step`).
 
 Non-finite steps: when the total loss or the gradient norm is not finite, the update is skipped
 on device (params, batch_stats and opt_state keep their values, ``step`` still advances) and the
-metrics carry ``nonfinite = skipped = 1``. With ``config.train.on_nonfinite == 'error'`` the host
-then raises :class:`NonFiniteLossError` (:func:`raise_if_nonfinite`, called by the loop on the
-fetched metrics); with 'skip' training goes on. The optimizer's own step counter does not advance
-on a skipped step, so after k skipped steps its schedule lags ``state.step`` by k steps; the
-logged 'lr' is the schedule at ``state.step``.
+metrics carry ``nonfinite = nonfinite_skipped = 1``. With ``config.train.on_nonfinite ==
+'error'`` the host then raises :class:`NonFiniteLossError` (:func:`raise_if_nonfinite`, called
+by the loop on the fetched metrics); with 'skip' training goes on. The optimizer's own step
+counter does not advance on a skipped step, so after k skipped steps its schedule lags
+``state.step`` by k steps; the logged 'lr' is the schedule at ``state.step``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def train_step(
       (new_state, metrics): metrics is a dict of [] arrays: every loss term of Eq. 1
       ('rpn_cls', 'rpn_box', 'cls', 'box', 'mask', 'seg', 'srm') and 'total' (float32), 'lr'
       (float32, the learning rate of this step), 'grad_norm' (float32, global norm of the
-      trainable gradients before clipping), 'nonfinite' and 'skipped' (int32 0/1) and 'step'
-      (int32, the step index of this update, i.e. ``state.step`` before it).
+      trainable gradients before clipping), 'nonfinite' and 'nonfinite_skipped' (int32 0/1)
+      and 'step' (int32, the step index of this update, i.e. ``state.step`` before it).
     """
     tc = config.train
     if tc.on_nonfinite not in ON_NONFINITE:
@@ -129,7 +129,7 @@ def train_step(
         lr=schedule(state.step),
         grad_norm=grad_norm,
         nonfinite=flag,
-        skipped=flag,
+        nonfinite_skipped=flag,
         step=state.step,
     )
     return new_state, metrics

@@ -284,7 +284,7 @@ def test_data_parallel_matches_single_device(batches, single):
     state, m = fn(state, sharding_lib.shard_batch(bad, mesh))
     m = _host(m)
     assert not np.isfinite(m["total"])
-    assert int(m["nonfinite"]) == 1 and int(m["skipped"]) == 1
+    assert int(m["nonfinite"]) == 1 and int(m["nonfinite_skipped"]) == 1
     after = _host(state)
     chex.assert_trees_all_equal(after.params, before.params)
     chex.assert_trees_all_equal(after.opt_state, before.opt_state)

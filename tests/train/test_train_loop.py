@@ -273,7 +273,7 @@ try:
 except step_lib.NonFiniteLossError as e:
     print("RESULT " + json.dumps({"error": str(e), "error_step": e.step}))
     sys.exit(3)
-print("RESULT " + json.dumps({k: result[k] for k in ("step", "skipped_steps")}))
+print("RESULT " + json.dumps({k: result[k] for k in ("step", "nonfinite_skipped")}))
 """
 
 
@@ -303,12 +303,12 @@ def test_nonfinite_error_and_skip(tmp_path, env, data_root):
     rc, out = _run(cmd, env, tmp_path / "skip.log")
     assert rc == 0, out[-3000:]
     res = _result(out)
-    assert res == {"step": NAN_STEP + 1, "skipped_steps": 1}
+    assert res == {"step": NAN_STEP + 1, "nonfinite_skipped": 1}
     metrics = {m["step"]: m for m in _metrics(work)}
-    assert metrics[NAN_STEP]["skipped"] == 1 and np.isnan(metrics[NAN_STEP]["total"])
-    assert metrics[NAN_STEP + 1]["skipped_total"] == 1
+    assert metrics[NAN_STEP]["nonfinite_skipped"] == 1 and np.isnan(metrics[NAN_STEP]["total"])
+    assert metrics[NAN_STEP + 1]["nonfinite_skipped_total"] == 1
     for s in (1, 2, NAN_STEP + 1):
-        assert metrics[s]["skipped"] == 0 and np.isfinite(metrics[s]["total"])
+        assert metrics[s]["nonfinite_skipped"] == 0 and np.isfinite(metrics[s]["total"])
     before, after = _full_state(work, NAN_STEP - 1), _full_state(work, NAN_STEP)
     for (path, x), (_, y) in zip(before, after, strict=True):
         if "step" in str(path[0]):
