@@ -3,8 +3,9 @@
 One call trains from the latest checkpoint in ``workdir`` (or from scratch) to
 ``config.train.num_steps``:
 
-1. ``jax.distributed`` (when configured), the device mesh, the model and the train state, restored
-   from ``workdir/checkpoints`` when one exists (sharded on restore; see
+1. ``jax.distributed`` (when configured), the device mesh, the model (one console line says what
+   the SRM is trained on: `oanet_jax.modeling.build.resolve_srm_train_masks`) and the train
+   state, restored from ``workdir/checkpoints`` when one exists (sharded on restore; see
    :mod:`oanet_jax.train.checkpoint`).
 2. The input pipeline from ``start_step`` = the restored step with the data seed stored in the
    checkpoint, so a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -276,7 +277,7 @@ def train_and_evaluate(
         NonFiniteLossError: a non-finite loss with ``train.on_nonfinite == 'error'`` (pending
             checkpoints are committed first).
     """
-    from oanet_jax.modeling.build import build_model
+    from oanet_jax.modeling.build import build_model, resolve_srm_train_masks
     from oanet_jax.train import sharding as sharding_lib
     from oanet_jax.train import state as state_lib
     from oanet_jax.train import step as step_lib
@@ -311,6 +312,8 @@ def train_and_evaluate(
 
     mesh = sharding_lib.make_mesh(config.sharding)
     model = build_model(config)
+    if is_main:  # one line: which SRM training is in use, and why
+        print(resolve_srm_train_masks(config)[1], flush=True)
     state, state_sharding = state_lib.create_train_state(
         config, model, mesh, data_spec.zeros_batch(config.data, global_batch)
     )
