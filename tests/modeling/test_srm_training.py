@@ -66,10 +66,12 @@ def _init(model: nn.Module, batch: dict) -> dict:
     return jit(lambda b: model.init(rngs, b, train=True))(batch)
 
 
-def _trunk_init(model: nn.Module, batch: dict) -> dict:
-    """The variables of the trunk only (backbone(s), FPN(s), RPN head, stuff branch)."""
+def _trunk_init(model: nn.Module, batch: dict, abstract: bool = False) -> dict:
+    """The variables of the trunk only (backbone(s), FPN(s), RPN head, stuff branch); only
+    their shapes with `abstract`."""
     trunk = lambda m, b: m._trunk(b, train=False)
-    return jit(lambda b: model.init(jax.random.key(0), b, method=trunk))(batch)
+    init = lambda b: model.init(jax.random.key(0), b, method=trunk)
+    return jax.eval_shape(init, batch) if abstract else jit(init)(batch)
 
 
 def _confident_masks(variables: dict) -> dict:
@@ -293,7 +295,7 @@ def test_stuff_only_head():
     variables = _trunk_init(model, batch)
     predictor = lambda v: nn.meta.unbox(v["params"]["stuff_head"]["predictor"]["kernel"])
     assert predictor(variables).shape[-1] == S
-    all_vars = jax.eval_shape(lambda: _trunk_init(build.build_model(_config()), batch))
+    all_vars = _trunk_init(build.build_model(_config()), batch, abstract=True)
     assert predictor(all_vars).shape[-1] == T + S
 
     logits = jit(functools.partial(_stuff_logits, model))(variables, batch)
@@ -344,7 +346,7 @@ def test_stuff_backbone_is_frozen_like_the_backbone():
 
     c = _config(sharing="none")
     model = build.build_model(c)
-    params = jax.eval_shape(lambda: _trunk_init(model, _batch(c)))["params"]
+    params = _trunk_init(model, _batch(c), abstract=True)["params"]
     labels = optimizer.param_labels(params, freeze_at=2)
     assert labels["stuff_backbone"] == labels["backbone"]
     assert "frozen" in jax.tree.leaves(labels["stuff_backbone"])
