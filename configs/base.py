@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.skip_bad_records = False
     # An image with no segment at all: kept (it still trains the stuff/void pixels) unless False.
     d.keep_empty_images = True
+    # Training instance masks: 'full' (from the split's instances JSON when it has one: whole,
+    # overlapping masks) or 'panoptic' (the visible panoptic segments even when an instances
+    # JSON exists: the paper's "w/ pano-instance GT", Table 3). TFDS has panoptic masks only.
+    d.instance_masks = "full"
 
     # ---------------------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
@@ -79,6 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.num_thing_classes = 80
     m.num_stuff_classes = 53
     m.compute_dtype = "float32"  # float32 | bfloat16
+    # What the stuff branch shares with the instance branch (Table 4): 'backbone_fpn' (ResNet,
+    # FPN and the RPN's 3x3 "skip-connection" conv: the paper's deep share), 'backbone' (the
+    # ResNet only; the stuff branch has its own FPN and 3x3 conv) or 'none' (nothing: its own
+    # ResNet, FPN and 3x3 conv, as two separate networks).
+    m.sharing = "backbone_fpn"
     m.param_dtype = "float32"
     # Sections: one frozen dataclass each in oanet_jax/modeling/config.py, field for field.
     # Anchors / RPN
@@ -124,11 +133,17 @@ def get_config() -> ml_collections.ConfigDict:
     m.stuff_head = ml_collections.ConfigDict()
     m.stuff_head.channels = 128
     m.stuff_head.norm = "group_norm"
+    m.stuff_head.classes = "all"  # all (stuff + things, "object context") | stuff (Table 2)
     # Spatial ranking module
     srm = m.srm = ml_collections.ConfigDict()
     srm.kernel = "large"  # large (1x7/7x1 GCN block) | 3x3 | 1x1
     srm.kernel_size = 7
     srm.stride = 4  # SRM canvas at this output stride
+    # SRM training canvas: 'gt' | 'predicted' | 'both' (see SRMConfig.train_masks), or 'auto':
+    # 'gt' when the training instance masks overlap (raw COCO-format data with an instances
+    # JSON and data.instance_masks='full'), else 'predicted' (TFDS, no instances JSON, or
+    # data.instance_masks='panoptic'). The training run logs which one is in use.
+    srm.train_masks = "auto"
     # Inference
     test = m.test = ml_collections.ConfigDict()
     test.score_thresh = 0.05

@@ -195,6 +195,7 @@ def semantic_loss(
     ignore_label: int = 255,
     scale: int = 4,
     chunk_rows: int | None = None,
+    ignore_below: int = 0,
 ) -> Array:
     """Semantic (stuff + object) segmentation loss of Panoptic FPN: ``L_seg`` of Eq. 1.
 
@@ -220,6 +221,8 @@ def semantic_loss(
       ignore_label: static label to ignore.
       scale: static integer upsampling factor (the head's stride, 4).
       chunk_rows: static; None = one shot, else logit rows per chunk (must divide h).
+      ignore_below: static; labels below it are ignored too (stuff-only supervision, Table 2:
+        ``num_thing_classes``, so thing pixels are holes in the target; 0 = none).
 
     Returns:
       float32 scalar.
@@ -231,7 +234,7 @@ def semantic_loss(
         raise ValueError(
             f"semantic {labels.shape} must be scale={scale} times the logits {logits.shape[:3]}"
         )
-    valid = (labels != ignore_label) & (labels >= 0) & (labels < k)
+    valid = (labels != ignore_label) & (labels >= int(ignore_below)) & (labels < k)
     count = jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
 
     if chunk_rows is None:
@@ -411,6 +414,7 @@ def compute_losses(
     srm_weight: float = 1.0,
     ignore_label: int = 255,
     seg_chunk_rows: int | None = None,
+    seg_ignore_below: int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """All terms of Eq. 1 from the training outputs of ``OANet`` and the batch.
 
@@ -420,13 +424,15 @@ def compute_losses(
         [B, R, C+1], 'box_deltas' [B, R, C, 4], 'roi_classes' [B, R], 'roi_box_targets'
         [B, R, 4], 'roi_valid' [B, R], 'mask_loss' [] (:func:`mask_loss`, computed by the
         model on its bucket of mask RoIs), 'stuff_logits' [B, h, w, K] at stride 4,
-        'srm_logits' [B, h', w', T], 'srm_labels' [B, h', w'].
+        'srm_logits' [B', h', w', T], 'srm_labels' [B', h', w'] (B' = 2B when the SRM is
+        trained on ground-truth and predicted masks).
       batch: the input batch; uses 'semantic' [B, Hp, Wp] uint8 (Hp = 4 h, Wp = 4 w).
       rpn_batch_size_per_image: the RPN sampler's anchors per image (loss normaliser).
       rpn_smooth_l1_beta, roi_smooth_l1_beta: smooth-L1 betas (0 = L1).
       seg_weight, srm_weight: weights of Eq. 1.
       ignore_label: ignore value of the semantic and SRM labels.
       seg_chunk_rows: ``chunk_rows`` of :func:`semantic_loss`.
+      seg_ignore_below: ``ignore_below`` of :func:`semantic_loss` (T for a stuff-only head).
 
     Returns:
       (total, terms) as :func:`oanet_loss`.
@@ -453,6 +459,7 @@ def compute_losses(
         batch["semantic"],
         ignore_label=ignore_label,
         chunk_rows=seg_chunk_rows,
+        ignore_below=seg_ignore_below,
     )
     srm = srm_loss(outputs["srm_logits"], outputs["srm_labels"], ignore_label=ignore_label)
     return oanet_loss(

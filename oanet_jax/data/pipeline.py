@@ -656,7 +656,10 @@ def make_reader(config_data: Any, split: str) -> coco_panoptic.CocoPanopticReade
     """The reader of one split of a COCO-panoptic-format dataset described by ``config.data``.
 
     Paths in ``config.data.{train,eval}`` are relative to ``config.data.root`` (absolute paths are
-    kept); an empty ``instances_json`` means masks from the panoptic segments.
+    kept); an empty ``instances_json`` means masks from the panoptic segments, and so does
+    ``config.data.instance_masks == 'panoptic'`` for the train split (Table 3's "w/ pano-instance
+    GT": visible segments as instance masks even when an instances JSON exists; the eval split
+    keeps its instances JSON, whose full masks the instance AP evaluation needs).
 
     Args:
         config_data: ``config.data``.
@@ -670,11 +673,17 @@ def make_reader(config_data: Any, split: str) -> coco_panoptic.CocoPanopticReade
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     s = config_data[split]
     root = config_data.root
+    instance_masks = str(config_data.instance_masks)
+    if instance_masks not in ("full", "panoptic"):
+        raise ValueError(f"data.instance_masks={instance_masks!r}; expected 'full' or 'panoptic'")
+    instances_json = s.instances_json
+    if split == "train" and instance_masks == "panoptic":
+        instances_json = ""
     return coco_panoptic.CocoPanopticReader(
         coco_panoptic.join_root(root, s.image_dir),
         coco_panoptic.join_root(root, s.panoptic_json),
         coco_panoptic.join_root(root, s.panoptic_dir),
-        instances_json=coco_panoptic.join_root(root, s.instances_json),
+        instances_json=coco_panoptic.join_root(root, instances_json),
         skip_bad_records=bool(config_data.skip_bad_records),
         keep_empty_images=bool(config_data.keep_empty_images),
         max_instances=int(config_data.max_instances),

@@ -117,6 +117,10 @@ class StuffHeadConfig:
     """Channels of every conv before the 1x1 classifier."""
     norm: str = "group_norm"
     """Normalisation after each 3x3 conv: 'group_norm' | 'batch_norm' | 'frozen_bn' | 'none'."""
+    classes: str = "all"
+    """Supervised classes (Table 2): 'all' (stuff and things, the paper's "object context") or
+    'stuff' (only the stuff classes; thing pixels are ignored by the semantic loss and the head
+    predicts stuff classes only; its thing channels are a constant that never wins an argmax)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,13 @@ class SRMConfig:
     """k of the large-kernel block."""
     stride: int = 4
     """Output stride of the SRM canvas."""
+    train_masks: str = "gt"
+    """What the SRM canvas is built from in training: 'gt' (ground-truth instance masks, which
+    overlap when they come from a COCO instances JSON), 'predicted' (the network's own
+    thresholded masks of its post-NMS detections, gradient stopped, labelled by the panoptic
+    thing class where masks of different classes overlap: learns from panoptic-only data) or
+    'both' (the two canvases as one batch of 2B for the SRM). The config's 'auto' is resolved
+    by `oanet_jax.modeling.build.resolve_srm_train_masks` before it reaches this field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 ResNet + FPN backbone shared by a Mask R-CNN instance branch (RPN, box head, mask head) and the
 stuff branch (on the RPN's shared 3x3 maps, Fig. 3), plus the spatial ranking module (SRM).
+`OANet.sharing` selects how much the two branches share (Table 4); the SRM is trained on
+ground-truth or predicted masks (`SRMConfig.train_masks`).
 
 Two entry points, both returning dicts of named tensors (big_vision style):
 
 * ``model.apply(variables, batch, train=True, rngs={'sampling': key})``: the training forward pass
   with every target made on device (RPN anchor labels, sampled RoIs, mask targets, the SRM canvas
-  from ground-truth masks and its conflict-pixel labels); `oanet_jax.losses.compute_losses` turns
-  the dict into the terms of Eq. 1.
+  from ground-truth or predicted masks and its conflict-pixel labels);
+  `oanet_jax.losses.compute_losses` turns the dict into the terms of Eq. 1.
 * ``model.apply(variables, batch, train=False)``: inference: proposals, detections, their masks,
   stuff logits, the SRM score map on the predicted masks and each detection's ranking score.
 
@@ -39,6 +41,7 @@ from oanet_jax.modeling.config import (
     TestConfig,
 )
 from oanet_jax.modeling.fpn import FPN
+from oanet_jax.modeling.layers import Conv2D
 from oanet_jax.modeling.roi_heads import (
     BoxHead,
     BoxPredictor,
@@ -46,7 +49,7 @@ from oanet_jax.modeling.roi_heads import (
     postprocess_detections,
     select_class_masks,
 )
-from oanet_jax.modeling.rpn import RPNHead, generate_proposals
+from oanet_jax.modeling.rpn import RPNHead, generate_proposals, rpn_init
 from oanet_jax.modeling.stuff_head import StuffHead
 from oanet_jax.ops import anchors as anchor_ops
 from oanet_jax.ops import roi_align as roi_ops
@@ -55,6 +58,13 @@ Array = jax.Array
 
 FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
 POOLER_STRIDES = (4, 8, 16, 32)  # RoI heads and stuff branch use P2..P5
+SHARING_MODES = ("backbone_fpn", "backbone", "none")
+"""Values of `OANet.sharing` (`config.model.sharing`, Table 4)."""
+STUFF_CLASSES = ("all", "stuff")
+"""Values of `StuffHeadConfig.classes` (Table 2)."""
+STUFF_ONLY_THING_LOGIT = -1e4
+"""The constant thing-class logits of a stuff-only head: below any real logit (never an argmax),
+finite (no NaN in a softmax), and never supervised (the semantic loss ignores thing pixels)."""
 
 
 def mask_buckets(train_buckets: Sequence[int], num_fg_slots: int) -> tuple[int, ...]:
@@ -102,6 +112,16 @@ class OANet(nn.Module):
     """Thing classes T (contiguous ids 0..T-1)."""
     num_stuff_classes: int
     """Stuff classes S (contiguous ids T..T+S-1)."""
+    sharing: str = "backbone_fpn"
+    """What the stuff branch shares with the instance branch (Table 4, `config.model.sharing`):
+    'backbone_fpn' (the paper's deep share, Fig. 3): ResNet, FPN and the RPN head's 3x3
+    "skip-connection" conv; the stuff head reads the RPN's shared P2..P5 maps.
+    'backbone' (shallow share, "res1-res5"): the ResNet only; the stuff branch has its own FPN
+    (`stuff_fpn`) and its own 3x3 conv + ReLU (`stuff_skip`, same shape and init as the RPN's)
+    on the shared ResNet features, so its depth equals the shared mode's.
+    'none' (two separate networks): its own ResNet too (`stuff_backbone`, same architecture and
+    freezing as `backbone`), so no parameter and no activation is shared; only the input image
+    and the sum of the losses are common."""
     fpn_channels: int = 256
     """FPN width (also the RPN's shared conv width)."""
     rpn_config: RPNConfig = RPNConfig()
@@ -136,9 +156,32 @@ class OANet(nn.Module):
     """Channel order the backbone expects ('BGR': the uint8 RGB image is reversed)."""
 
     def setup(self) -> None:
+        if self.sharing not in SHARING_MODES:
+            raise ValueError(f"model.sharing={self.sharing!r}; expected one of {SHARING_MODES}.")
+        if self.stuff_head_config.classes not in STUFF_CLASSES:
+            raise ValueError(
+                f"model.stuff_head.classes={self.stuff_head_config.classes!r}; expected one of "
+                f"{STUFF_CLASSES}."
+            )
+        if self.srm_config.train_masks not in srm_lib.SRM_TRAIN_MASKS:
+            raise ValueError(
+                f"model.srm.train_masks={self.srm_config.train_masks!r}; expected one of "
+                f"{srm_lib.SRM_TRAIN_MASKS} ('auto' is resolved by modeling.build)."
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         num_anchors = len(self.rpn_config.anchor_aspect_ratios)
         self.fpn = FPN(features=self.fpn_channels, **kw)
+        if self.sharing == "none":
+            self.stuff_backbone = self.backbone.clone(parent=None, name=None)
+        if self.sharing != "backbone_fpn":
+            self.stuff_fpn = FPN(features=self.fpn_channels, top_block_maxpool=False, **kw)
+            self.stuff_skip = Conv2D(
+                self.fpn_channels,
+                3,
+                kernel_init=rpn_init,
+                bias_init=nn.initializers.zeros_init(),
+                **kw,
+            )
         self.rpn = RPNHead(num_anchors=num_anchors, channels=self.fpn_channels, **kw)
         self.box_head = BoxHead(fc_dim=self.box_head_config.fc_dim, **kw)
         self.box_predictor = BoxPredictor(num_classes=self.num_thing_classes, **kw)
@@ -148,8 +191,9 @@ class OANet(nn.Module):
             num_convs=self.mask_head_config.num_convs,
             **kw,
         )
+        stuff_only = self.stuff_head_config.classes == "stuff"
         self.stuff_head = StuffHead(
-            num_classes=self.num_thing_classes + self.num_stuff_classes,
+            num_classes=self.num_stuff_classes + (0 if stuff_only else self.num_thing_classes),
             channels=self.stuff_head_config.channels,
             norm=self.stuff_head_config.norm,
             **kw,
@@ -235,12 +279,136 @@ class OANet(nn.Module):
             self.pixel_std,
             self.channel_order,
         )
-        feats = self.backbone(image.astype(self.dtype), train=train)
+        image = image.astype(self.dtype)
+        feats = self.backbone(image, train=train)
         pyramid = self.fpn(feats)
         levels = [pyramid[f"p{k}"] for k in range(2, 7)]
         rpn_out = self.rpn(levels)
-        stuff = self.stuff_head(rpn_out["shared"][:4], train=train)
-        return {"levels": levels, "rpn": rpn_out, "stuff_logits": stuff["logits"]}
+        if self.sharing == "backbone_fpn":
+            stuff_in = rpn_out["shared"][:4]
+        else:
+            own = self.stuff_backbone(image, train=train) if self.sharing == "none" else feats
+            own_pyramid = self.stuff_fpn(own)
+            stuff_in = [nn.relu(self.stuff_skip(own_pyramid[f"p{k}"])) for k in range(2, 6)]
+        logits = self.stuff_head(stuff_in, train=train)["logits"]
+        if self.stuff_head_config.classes == "stuff":
+            # Stuff-only head (Table 2): thing channels are a constant, keeping [.., T + S].
+            things = jnp.full((*logits.shape[:-1], self.num_thing_classes), STUFF_ONLY_THING_LOGIT)
+            logits = jnp.concatenate([things.astype(logits.dtype), logits], axis=-1)
+        return {"levels": levels, "rpn": rpn_out, "stuff_logits": logits}
+
+    def _detect(
+        self, levels: Sequence[Array], props: dict[str, Array], image_shape: Array
+    ) -> dict[str, Array]:
+        """Box head on the proposals, detection post-processing, mask head on the detections.
+
+        Args:
+          levels: P2..P5 feature maps, [B, Hl, Wl, C] each.
+          props: `generate_proposals` output ('boxes' [B, K, 4], 'valid' [B, K]).
+          image_shape: [B, 2] int32 (h, w) of the images inside the padding.
+
+        Returns:
+          dict: 'class_logits' [B, K, T+1], 'box_deltas' [B, K, T, 4] (of the proposals),
+          'boxes' [B, D, 4], 'scores' [B, D], 'classes' [B, D] int32, 'valid' [B, D] bool,
+          'masks' [B, D, 2P, 2P] probabilities of each detection's class (box frame).
+        """
+        test = self.test_config
+        box_out = self._box_branch(levels, props["boxes"])
+        dets = postprocess_detections(
+            box_out["class_logits"],
+            box_out["box_deltas"],
+            props["boxes"],
+            props["valid"],
+            image_shape,
+            score_thresh=test.score_thresh,
+            nms_thresh=test.nms_thresh,
+            max_detections=test.detections_per_image,
+            box_weights=self.roi_config.box_weights,
+            clamp=self.roi_config.bbox_reg_clamp,
+            min_size=test.min_size,
+            max_candidates=test.max_candidates,
+        )
+        masks = select_class_masks(self._mask_branch(levels, dets["boxes"]), dets["classes"])
+        return {**box_out, **dets, "masks": masks}
+
+    def _srm_train_targets(
+        self,
+        batch: dict[str, Array],
+        levels: Sequence[Array],
+        props: dict[str, Array],
+        image_size: tuple[int, int],
+    ) -> tuple[Array, Array, dict[str, Array]]:
+        """The SRM's training canvas(es) and labels (`SRMConfig.train_masks`), and their counts.
+
+        'gt': the ground-truth masks (non-crowd), as the paper. 'predicted': the masks of the
+        network's own post-NMS detections, with the inference thresholds (score >=
+        `instance_score_thresh`, pasted mask >= `mask_threshold`) and the same static paste ops
+        (`targets.srm_targets`), labelled by the panoptic thing class at pixels where masks of
+        two or more different classes overlap and that class's mask is one of them. Detections
+        rather than the sampled positive RoIs because they are exactly what the SRM ranks at
+        inference (one mask per object, the predicted class, the score filter): the sampled RoIs
+        hold tens of jittered copies of each object, whose union swells every mask, and carry
+        the ground-truth class, so the confusions the SRM must order at inference never reach
+        it. The detection pass (box head on the training proposals, NMS, mask head on D boxes)
+        runs on stop-gradient features: the SRM loss trains the SRM only, never the instance
+        branch. 'both': the two canvases stacked into one batch of 2B.
+
+        Returns:
+          (canvas [B', h, w, T] float32, labels [B', h, w] int32 (255 = ignored), counts):
+          B' = B, or 2B for 'both' (ground truth first). `counts` holds per-image means of the
+          supervised pixels, split as `srm.split_conflicts`: 'srm_{gt,pred}_genuine_px' and
+          'srm_{gt,pred}_seam_px' for each canvas in use.
+        """
+        mode = self.srm_config.train_masks
+        common = dict(
+            image_size=image_size,
+            stride=self.srm_config.stride,
+            num_thing_classes=self.num_thing_classes,
+        )
+        made: dict[str, dict[str, Array]] = {}
+        if mode in ("gt", "both"):
+            made["gt"] = jax.vmap(
+                lambda m, bx, cl, v, sem: targets_lib.srm_targets(m, bx, cl, v, sem, **common)
+            )(
+                batch["masks"],
+                batch["boxes"].astype(jnp.float32),
+                batch["classes"],
+                batch["valid"] & ~batch["is_crowd"],
+                batch["semantic"],
+            )
+        if mode in ("predicted", "both"):
+            test = self.test_config
+            frozen = [jax.lax.stop_gradient(x) for x in levels]
+            props = jax.tree.map(jax.lax.stop_gradient, props)
+            dets = self._detect(frozen, props, batch["image_shape"])
+            in_canvas = dets["valid"] & (dets["scores"] >= test.instance_score_thresh)
+            made["pred"] = jax.vmap(
+                lambda m, bx, cl, v, sem: targets_lib.srm_targets(
+                    m,
+                    bx,
+                    cl,
+                    v,
+                    sem,
+                    mask_threshold=test.mask_threshold,
+                    label_in_canvas=True,
+                    **common,
+                )
+            )(
+                jax.lax.stop_gradient(dets["masks"]),
+                jax.lax.stop_gradient(dets["boxes"]),
+                dets["classes"],
+                in_canvas,
+                batch["semantic"],
+            )
+        counts = {}
+        for name, t in made.items():
+            labelled = (t["labels"] >= 0) & (t["labels"] < self.num_thing_classes)
+            for kind in ("genuine", "seam"):
+                px = jnp.sum(labelled & t[kind], axis=(1, 2), dtype=jnp.float32)
+                counts[f"srm_{name}_{kind}_px"] = jnp.mean(px)
+        canvas = jnp.concatenate([t["canvas"] for t in made.values()], axis=0)
+        labels = jnp.concatenate([t["labels"] for t in made.values()], axis=0)
+        return canvas, labels, counts
 
     def _proposals(self, rpn_out: dict[str, Any], anchors, image_shape: Array, train: bool):
         rpn = self.rpn_config
@@ -289,8 +457,10 @@ class OANet(nn.Module):
           'mask_loss' [] float32 (`losses.mask_loss` over every foreground RoI of the batch),
           'mask_num_fg' [B] int32 foreground RoIs per image, 'mask_rois' [] int32 the mask RoIs
           per image the head ran on (the chosen bucket, see `mask_buckets`);
-          'stuff_logits' [B, h, w, T+S]; 'srm_logits' [B, h, w, T], 'srm_labels' [B, h, w]
-          int32 (255 = ignored), 'srm_canvas' [B, h, w, T].
+          'stuff_logits' [B, h, w, T+S]; 'srm_logits' [B', h, w, T], 'srm_labels' [B', h, w]
+          int32 (255 = ignored), 'srm_canvas' [B', h, w, T] (B' = B, or 2B when
+          `srm.train_masks` is 'both'), 'srm_counts' {name: [] float32} supervised SRM pixels
+          per image, genuine overlaps vs resampling seams (see `_srm_train_targets`).
 
         The mask head runs inside the branch of a `jax.lax.switch` over the static buckets of
         `mask_head.train_buckets`: RoIAlign, head, targets and the loss of the first k RoI slots
@@ -379,25 +549,10 @@ class OANet(nn.Module):
             mask_loss = nn.switch(bucket, branches, self, *mask_in, rngs=False)
         mask_rois = jnp.take(jnp.asarray(buckets, jnp.int32), bucket)
 
-        srm_t = jax.vmap(
-            lambda m, bx, cl, v, sem: targets_lib.srm_targets(
-                m,
-                bx,
-                cl,
-                v,
-                sem,
-                image_size=image_size,
-                stride=self.srm_config.stride,
-                num_thing_classes=self.num_thing_classes,
-            )
-        )(
-            batch["masks"],
-            gt_boxes,
-            batch["classes"],
-            gt_valid & ~gt_crowd,
-            batch["semantic"],
+        srm_canvas, srm_labels, srm_counts = self._srm_train_targets(
+            batch, levels, props, image_size
         )
-        srm_logits = self.srm(srm_t["canvas"])
+        srm_logits = self.srm(srm_canvas)
 
         return {
             "rpn_objectness": jnp.concatenate(rpn_out["objectness"], axis=1),
@@ -417,8 +572,9 @@ class OANet(nn.Module):
             "mask_rois": mask_rois,
             "stuff_logits": trunk["stuff_logits"],
             "srm_logits": srm_logits,
-            "srm_labels": srm_t["labels"],
-            "srm_canvas": srm_t["canvas"],
+            "srm_labels": srm_labels,
+            "srm_canvas": srm_canvas,
+            "srm_counts": srm_counts,
         }
 
     def inference(self, batch: dict[str, Array]) -> dict[str, Any]:
@@ -437,22 +593,8 @@ class OANet(nn.Module):
         trunk = self._trunk(batch, train=False)
         props = self._proposals(trunk["rpn"], self.anchors(image_size), batch["image_shape"], False)
         levels = trunk["levels"][:4]
-        box_out = self._box_branch(levels, props["boxes"])
-        dets = postprocess_detections(
-            box_out["class_logits"],
-            box_out["box_deltas"],
-            props["boxes"],
-            props["valid"],
-            batch["image_shape"],
-            score_thresh=test.score_thresh,
-            nms_thresh=test.nms_thresh,
-            max_detections=test.detections_per_image,
-            box_weights=self.roi_config.box_weights,
-            clamp=self.roi_config.bbox_reg_clamp,
-            min_size=test.min_size,
-            max_candidates=test.max_candidates,
-        )
-        masks = select_class_masks(self._mask_branch(levels, dets["boxes"]), dets["classes"])
+        dets = self._detect(levels, props, batch["image_shape"])
+        masks = dets["masks"]
 
         in_canvas = dets["valid"] & (dets["scores"] >= test.instance_score_thresh)
         inst = srm_lib.paste_instances(
@@ -466,8 +608,8 @@ class OANet(nn.Module):
             "proposals": props["boxes"],
             "proposal_logits": props["logits"],
             "proposal_valid": props["valid"],
-            "class_logits": box_out["class_logits"],
-            "box_deltas": box_out["box_deltas"],
+            "class_logits": dets["class_logits"],
+            "box_deltas": dets["box_deltas"],
             "boxes": dets["boxes"],
             "scores": dets["scores"],
             "classes": dets["classes"],

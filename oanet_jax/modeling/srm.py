@@ -25,6 +25,8 @@ from oanet_jax.ops import masks as mask_ops
 Array = jax.Array
 
 SRM_KERNELS = ("large", "3x3", "1x1")
+SRM_TRAIN_MASKS = ("gt", "predicted", "both")
+"""What the SRM canvas is built from in training (`config.model.srm.train_masks`, resolved)."""
 
 
 def paste_instances(
@@ -84,6 +86,43 @@ def conflict_mask(canvas: Array) -> Array:
       [B, h, w] bool.
     """
     return jnp.sum(canvas, axis=-1) >= 2.0
+
+
+def _window3x3(x: Array, op: str) -> Array:
+    """3x3 min ('erode') or max ('dilate') over the two spatial axes of [B, h, w, ...] arrays.
+
+    Outside the map counts as neither (the window is cut at the border), so a mask that runs
+    off the canvas edge is not eroded there.
+    """
+    init, fn = (jnp.inf, jax.lax.min) if op == "erode" else (-jnp.inf, jax.lax.max)
+    window = (1, 3, 3) + (1,) * (x.ndim - 3)
+    return jax.lax.reduce_window(x, init, fn, window, (1,) * x.ndim, "SAME")
+
+
+def split_conflicts(canvas: Array) -> tuple[Array, Array]:
+    """Splits the conflict pixels of a canvas into genuine overlaps and resampling seams.
+
+    A *seam* is a conflict pixel of an overlap at most two canvas pixels thick: masks that only
+    touch (the visible panoptic segments, which never overlap at full resolution) overlap by
+    a pixel or two once cropped to their boxes, resampled and pasted back at the SRM stride.
+    Measured as: erode every class channel with a 3x3 min (a mask loses its one-pixel rim), the
+    *core* is the conflict set of the eroded canvas (an overlap at least three pixels thick
+    keeps one there), and a conflict pixel is *genuine* when it lies within one pixel (3x3
+    dilation) of the core, a *seam* otherwise. Two masks pasted at the SRM stride that overlap
+    by at least 3 * stride image pixels give genuine pixels only; masks that abut at full
+    resolution give seams only (tests/modeling/test_srm_training.py checks both).
+
+    Args:
+      canvas: [B, h, w, T] float32 in {0, 1} (`build_canvas`).
+
+    Returns:
+      (genuine, seam): [B, h, w] bool each, disjoint, their union `conflict_mask(canvas)`.
+    """
+    conflict = conflict_mask(canvas)
+    core = conflict_mask(_window3x3(canvas, "erode"))
+    near_core = _window3x3(core.astype(jnp.float32), "dilate") > 0
+    genuine = conflict & near_core
+    return genuine, conflict & ~near_core
 
 
 def ranking_scores(score_map: Array, instance_masks: Array, classes: Array, valid: Array) -> Array:

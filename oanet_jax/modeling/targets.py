@@ -335,8 +335,13 @@ def srm_targets(
     *,
     mask_threshold: float = 0.5,
     ignore_label: int = 255,
+    label_in_canvas: bool = False,
 ) -> dict[str, Array]:
-    """Input canvas and labels of the spatial ranking module from ground truth (paper Eq. 2).
+    """Input canvas and labels of the spatial ranking module (paper Eq. 2).
+
+    From ground truth (the paper) or from the network's own predicted masks
+    (`config.model.srm.train_masks`: pass the detections' box-frame mask probabilities, boxes,
+    classes, the in-canvas flags and the inference ``mask_threshold``).
 
     GT instance masks are pasted at the SRM stride (``srm.paste_instances``, threshold 0.5) into
     the per-thing-class canvas (``srm.build_canvas``). Canvas pixel (i, j) is centred at image
@@ -345,7 +350,10 @@ def srm_targets(
     floor((j + 0.5) * stride)]`` (indices clamped to the map), kept only where the pixel is
     conflicting (covered by instances of >= 2 different thing classes, ``srm.conflict_mask``) and
     the label is a thing
-    class (< T); everywhere else ``ignore_label``.
+    class (< T); everywhere else ``ignore_label``. With ``label_in_canvas`` the label must
+    also be one of the classes active at the pixel (for predicted masks: a conflict between,
+    say, a person and a dog mask where the panoptic ground truth shows a car says nothing about
+    which of the two masks lies on top, so it is ignored).
 
     Args:
       gt_masks: [M, S, S] float GT masks in [0, 1] cropped to their boxes.
@@ -358,10 +366,12 @@ def srm_targets(
       num_thing_classes: T, static.
       mask_threshold: static paste threshold.
       ignore_label: static ignore value.
+      label_in_canvas: static; keep only labels whose class channel is active at the pixel.
 
     Returns:
       dict with ``canvas`` [h, w, T] float32 in {0, 1}, ``labels`` [h, w] int32 (thing class or
-      ``ignore_label``), ``conflict`` [h, w] bool; h = ceil(Hp / stride), w = ceil(Wp / stride).
+      ``ignore_label``), ``conflict`` [h, w] bool, and its split ``genuine`` / ``seam`` [h, w]
+      bool (``srm.split_conflicts``); h = ceil(Hp / stride), w = ceil(Wp / stride).
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     stride = int(stride)
@@ -387,5 +397,15 @@ def srm_targets(
     cols = np.minimum(np.floor((np.arange(w) + 0.5) * stride).astype(np.int32), wp - 1)
     sampled = jnp.take(jnp.take(sem, rows, axis=0), cols, axis=1)  # [h, w]
     keep = conflict & (sampled >= 0) & (sampled < t)
+    if label_in_canvas:
+        active = jnp.take_along_axis(canvas, jnp.clip(sampled, 0, t - 1)[..., None], axis=-1)
+        keep = keep & (active[..., 0] > 0)
     labels = jnp.where(keep, sampled, ignore_label).astype(jnp.int32)
-    return {"canvas": canvas, "labels": labels, "conflict": conflict}
+    genuine, seam = srm_lib.split_conflicts(canvas[None])
+    return {
+        "canvas": canvas,
+        "labels": labels,
+        "conflict": conflict,
+        "genuine": genuine[0],
+        "seam": seam[0],
+    }

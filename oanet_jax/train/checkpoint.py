@@ -586,7 +586,9 @@ def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
     (from a torchvision Mask R-CNN) or only its ``'backbone'`` subtree (from an ImageNet ResNet).
     Every array it holds replaces the array at the same path of ``state.params`` /
     ``state.batch_stats`` (placed with that array's sharding); everything it does not hold keeps
-    its fresh initialisation. The optimizer state is fresh (zero momentum), as the step is 0.
+    its fresh initialisation; a model with its own stuff-branch ResNet (``model.sharing='none'``,
+    params under ``'stuff_backbone'``) gets the checkpoint's ``'backbone'`` there too. The
+    optimizer state is fresh (zero momentum), as the step is 0.
 
     Args:
       state: the freshly created TrainState (step 0).
@@ -628,14 +630,25 @@ def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
         counts[collection] += 1
         return jax.device_put(jax.numpy.asarray(source, target.dtype), shardings)
 
+    def source(collection: str, target: Any) -> Any:
+        # model.sharing='none': the stuff branch's own ResNet starts from the same weights.
+        src = loaded.get(collection, {})
+        if "backbone" in src and "stuff_backbone" not in src and "stuff_backbone" in target:
+            src = {**src, "stuff_backbone": src["backbone"]}
+        return src
+
     params = overlay(
-        "params", state.params, state_sharding.params, loaded.get("params", {}), "params"
+        "params",
+        state.params,
+        state_sharding.params,
+        source("params", state.params),
+        "params",
     )
     stats = overlay(
         "batch_stats",
         state.batch_stats,
         state_sharding.batch_stats,
-        loaded.get("batch_stats", {}),
+        source("batch_stats", state.batch_stats),
         "batch_stats",
     )
     if problems:

@@ -3,8 +3,9 @@
 One call trains from the latest checkpoint in ``workdir`` (or from scratch) to
 ``config.train.num_steps``:
 
-1. ``jax.distributed`` (when configured), the device mesh, the model and the train state, restored
-   from ``workdir/checkpoints`` when one exists (sharded on restore; see
+1. ``jax.distributed`` (when configured), the device mesh, the model (one console line says what
+   the SRM is trained on: `oanet_jax.modeling.build.resolve_srm_train_masks`) and the train
+   state, restored from ``workdir/checkpoints`` when one exists (sharded on restore; see
    :mod:`oanet_jax.train.checkpoint`). A new run of ``model.norm='frozen_bn'`` without
    ``train.init_checkpoint`` is refused first (:func:`check_norm_init`).
 2. The input pipeline from ``start_step`` = the restored step with the data seed stored in the
@@ -551,7 +552,7 @@ def train_and_evaluate(
         DataError: a bad record of the training data without ``data.skip_bad_records``.
         AllRecordsSkippedError: with it, a full pass over the data yielded no example.
     """
-    from oanet_jax.modeling.build import build_model
+    from oanet_jax.modeling.build import build_model, resolve_srm_train_masks
     from oanet_jax.train import sharding as sharding_lib
     from oanet_jax.train import state as state_lib
     from oanet_jax.train import step as step_lib
@@ -584,6 +585,8 @@ def train_and_evaluate(
     mesh = sharding_lib.make_mesh(config.sharding)
     host_batch = sharding_lib.host_batch_size(global_batch, mesh)
     model = build_model(config)
+    if is_main:  # one line: which SRM training is in use, and why
+        print(resolve_srm_train_masks(config)[1], flush=True)
     state, state_sharding = state_lib.create_train_state(
         config, model, mesh, data_spec.zeros_batch(config.data, global_batch)
     )

@@ -42,7 +42,9 @@ DECAY = "decay"
 NO_DECAY = "no_decay"  # normalisation parameters (weight_decay_norm)
 
 _NORM_MODULE = re.compile(r"(?:^|_)(?:norm|bn|gn)\d*$")
-_BACKBONE_PATH = ("backbone",)
+# The ResNets whose stem and first stages `freeze_at` freezes: the shared one, and the stuff
+# branch's own under `model.sharing='none'`.
+_BACKBONE_PATHS = (("backbone",), ("stuff_backbone",))
 
 
 def learning_rate_schedule(train_config: Any) -> optax.Schedule:
@@ -98,15 +100,17 @@ def param_labels(params: Any, freeze_at: int = 0) -> Any:
 
     Args:
       params: the model's 'params' collection, boxed (``nn.Partitioned`` leaves) or plain
-        arrays / ShapeDtypeStructs; the backbone's parameters are under ``'backbone'``.
+        arrays / ShapeDtypeStructs; the backbone's parameters are under ``'backbone'`` (and
+        the stuff branch's own ResNet, with ``model.sharing='none'``, under
+        ``'stuff_backbone'``).
       freeze_at: detectron2 FREEZE_AT (stem + res2..res{freeze_at} frozen).
 
     Returns:
       A pytree of str with the structure of the *unboxed* params.
     """
     plain = nn.meta.unbox(params)
-    frozen = resnet.frozen_param_mask(plain, freeze_at, _BACKBONE_PATH)
-    frozen_leaves = jax.tree.leaves(frozen)
+    masks = [resnet.frozen_param_mask(plain, freeze_at, path) for path in _BACKBONE_PATHS]
+    frozen_leaves = [any(flags) for flags in zip(*map(jax.tree.leaves, masks), strict=True)]
     boxed_flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)
     if len(boxed_flat) != len(frozen_leaves):
         raise ValueError("params and their unboxed form have different numbers of leaves")

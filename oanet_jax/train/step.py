@@ -60,14 +60,18 @@ def train_step(
         and dtypes of ``spec.batch_spec(config.data, B, train=True)`` (other keys are ignored).
       model: the OANet module.
       config: full config (model.freeze_at, model.norm, model.rpn.smooth_l1_beta,
-        model.roi.smooth_l1_beta, model.rpn.batch_size_per_image, loss.*, train.*).
+        model.roi.smooth_l1_beta, model.rpn.batch_size_per_image, model.stuff_head.classes
+        with model.num_thing_classes (a stuff-only head ignores thing pixels), loss.*,
+        train.*).
 
     Returns:
       (new_state, metrics): metrics is a dict of [] arrays: every loss term of Eq. 1
       ('rpn_cls', 'rpn_box', 'cls', 'box', 'mask', 'seg', 'srm') and 'total' (float32), 'lr'
       (float32, the learning rate of this step), 'grad_norm' (float32, global norm of the
       trainable gradients before clipping), 'nonfinite' and 'nonfinite_skipped' (int32 0/1)
-      and 'step' (int32, the step index of this update, i.e. ``state.step`` before it).
+      and 'step' (int32, the step index of this update, i.e. ``state.step`` before it); and the
+      model's 'srm_counts': per image, the SRM's supervised pixels that are genuine overlaps and
+      resampling seams, 'srm_{gt,pred}_{genuine,seam}_px' (float32) for each canvas in use.
     """
     tc = config.train
     if tc.on_nonfinite not in ON_NONFINITE:
@@ -102,11 +106,17 @@ def train_step(
             srm_weight=config.loss.srm_weight,
             ignore_label=config.loss.ignore_label,
             seg_chunk_rows=int(config.loss.seg_chunk_rows) or None,
+            seg_ignore_below=seg_ignore_below,
         )
         terms = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
-        return jnp.asarray(total, jnp.float32), (terms, new_stats)
+        counts = dict(outputs.get("srm_counts", {}))
+        return jnp.asarray(total, jnp.float32), (terms, counts, new_stats)
 
-    (total, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    stuff_only = config.model.stuff_head.classes == "stuff"
+    seg_ignore_below = int(config.model.num_thing_classes) if stuff_only else 0
+    (total, (terms, counts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     grad_norm = optimizer_lib.trainable_global_norm(grads, labels)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 
@@ -124,6 +134,7 @@ def train_step(
     )
     flag = jnp.logical_not(finite).astype(jnp.int32)
     metrics = dict(terms)
+    metrics.update(jax.lax.stop_gradient(counts))
     metrics.update(
         total=total,
         lr=schedule(state.step),

@@ -113,6 +113,9 @@ def _expected_train(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
         "srm_logits": ((b, h, w, t), F32),
         "srm_labels": ((b, h, w), I32),
         "srm_canvas": ((b, h, w, t), F32),
+        # The tiny and base configs have an instances JSON: 'auto' trains the SRM on GT masks.
+        "srm_counts/srm_gt_genuine_px": ((), F32),
+        "srm_counts/srm_gt_seam_px": ((), F32),
     }
 
 
@@ -140,6 +143,11 @@ def _expected_inference(cfg) -> dict[str, tuple[tuple[int, ...], object]]:
 
 
 def _check(out: dict, expected: dict) -> None:
+    out = {  # nested dicts of outputs ('srm_counts') as 'outer/inner'
+        f"{k}/{kk}" if isinstance(v, dict) else k: vv
+        for k, v in out.items()
+        for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])
+    }
     assert set(out) == set(expected), set(out) ^ set(expected)
     got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in out.items()}
     want = {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in expected.items()}

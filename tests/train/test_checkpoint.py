@@ -290,6 +290,27 @@ def test_init_from_pretrained_overlays_subtree(tmp_path):
         ckpt_lib.init_from_pretrained(state, shardings, bad_path)
 
 
+def test_init_from_pretrained_fills_the_stuff_backbone(tmp_path):
+    """model.sharing='none': a backbone-only checkpoint initialises the stuff branch's ResNet."""
+    import orbax.checkpoint as ocp
+
+    mesh = _mesh()
+    state, shardings = _make_state(mesh, step=0)
+    own = lambda p: {"backbone": p["conv"], "stuff_backbone": p["conv"], "dense": p["dense"]}
+    state = state.replace(params=own(state.params))
+    shardings = shardings.replace(params=own(shardings.params))
+    path = str(tmp_path / "imagenet")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {"params": {"backbone": {"kernel": np.full((3, 3, 4, 8), 7.0)}}})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+    out = ckpt_lib.init_from_pretrained(state, shardings, path)
+    for name in ("backbone", "stuff_backbone"):
+        np.testing.assert_array_equal(out.params[name]["kernel"], 7.0)
+    _assert_equal_trees(out.params["dense"], state.params["dense"])
+
+
 def test_best_checkpoint_kept_besides_last_k(tmp_path):
     """checkpoints_best keeps the single best by the metric; periodic ones keep the last K."""
     mesh = _mesh()
