@@ -389,7 +389,8 @@ def predict_exported(
     (`transforms.prediction_to_original`). Writes COCO panoptic predictions,
     ``<out_dir>/panoptic_<ordering>.json`` and its PNGs in ``<out_dir>/panoptic_<ordering>/``
     (image ids from the file names, `image_id_of`; dataset category ids), and with `overlays`
-    ``<out_dir>/<stem>_panoptic.png`` (the drawn segments, `render_panels`).
+    ``<out_dir>/<name>_panoptic.png`` (the drawn segments, `render_panels`), with the names of
+    `output_names` (never colliding; the PNGs of the COCO folder use the name with '/' as '__').
 
     Args:
       model: `oanet_jax.export.load`'s `ExportedModel`.
@@ -418,6 +419,7 @@ def predict_exported(
     os.makedirs(folder, exist_ok=True)
     annotations, overlay_paths = [], []
     paths = list(image_paths)
+    names = output_names(paths)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = np.zeros((batch_size, hp, wp, 3), np.uint8)
@@ -446,7 +448,7 @@ def predict_exported(
             id_map, info = transforms.prediction_to_original(
                 out["id_map"][i], segments, shapes[i], origs[i], table
             )
-            stem = os.path.splitext(os.path.basename(path))[0]
+            stem = names[start + i].replace("/", "__")
             info = pan_io.write_prediction(folder, f"{stem}.png", id_map, info)
             annotations.append(
                 {
@@ -456,7 +458,8 @@ def predict_exported(
                 }
             )
             if overlays:
-                png = os.path.join(out_dir, f"{stem}_panoptic.png")
+                png = os.path.join(out_dir, f"{names[start + i]}_panoptic.png")
+                os.makedirs(os.path.dirname(png), exist_ok=True)
                 panel = render_panels(
                     originals[i], {ordering: id_map}, {ordering: info}, table, min_display_side
                 )
