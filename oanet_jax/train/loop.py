@@ -111,7 +111,11 @@ def maybe_generate_synthetic(config: ml_collections.ConfigDict) -> bool:
     size = tuple(int(v) for v in d.get("synthetic_size", d.image_size))
     num_val = int(d.get("synthetic_num_val_images", max(1, int(d.synthetic_num_images) // 10)))
     if jax.process_count() > 1:
-        print(f"process {jax.process_index()}: generating its own copy.", flush=True)
+        print(
+            f"Data root {d.root} does not exist for process {jax.process_index()}: generating "
+            "its own copy of the synthetic dataset.",
+            flush=True,
+        )
     announce_synthetic_generation(d.root, int(d.synthetic_num_images), num_val, size)
     t0 = time.time()
     tmp = f"{d.root.rstrip('/')}.tmp-{socket.gethostname()}-{jax.process_index()}-{os.getpid()}"

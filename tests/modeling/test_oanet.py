@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import base, tiny
-from oanet_jax.modeling.build import build_model
+from oanet_jax.modeling.build import build_model, resolve_srm_train_masks
 from oanet_jax.modeling.config import SECTIONS
 from oanet_jax.modeling.oanet import FPN_STRIDES
 
@@ -215,10 +215,14 @@ def test_build_maps_every_section_to_its_dataclass():
     for name, cls in SECTIONS.items():
         section = getattr(model, f"{name}_config")
         assert isinstance(section, cls)
-        assert dataclasses.asdict(section) == {
+        want = {
             k: tuple(v) if isinstance(v, tuple | list) else v
             for k, v in cfg.model[name].to_dict().items()
         }
+        if name == "srm":  # 'auto' is resolved from the data (an instances JSON: 'gt')
+            assert want["train_masks"] == "auto"
+            want["train_masks"] = resolve_srm_train_masks(cfg)[0]
+        assert dataclasses.asdict(section) == want
     assert model.test_config.mask_threshold == cfg.model.test.mask_threshold
     assert model.test_config.instance_score_thresh == cfg.model.test.instance_score_thresh
 

@@ -389,7 +389,7 @@ def test_one_training_step_with_the_switches():
     )
     train_state, metrics = fn(train_state, sharding.shard_batch(batch, mesh))
     metrics = jax.device_get(metrics)
-    assert np.isfinite(metrics["total"]) and int(metrics["skipped"]) == 0
+    assert np.isfinite(metrics["total"]) and int(metrics["nonfinite_skipped"]) == 0
     assert np.isfinite(metrics["seg"]) and metrics["seg"] < 100  # stuff-only: no 1e4 terms
     for s in ("gt", "pred"):
         for k in ("genuine", "seam"):
