@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -41,6 +40,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from configs import tiny
 from oanet_jax.modeling.build import build_model
@@ -151,19 +151,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster_env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax_cache_multihost")
-    e = dict(os.environ)
-    e.update(
-        TF_CPP_MIN_LOG_LEVEL="2",
-        CUDA_VISIBLE_DEVICES="",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=str(ROOT),
-    )
-    return e
+def cluster_env() -> dict[str, str]:
+    return subprocess_env(8)  # _devices_env sets each run's device count
 
 
 def _devices_env(env: dict[str, str], n: int) -> dict[str, str]:

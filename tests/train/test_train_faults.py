@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from oanet_jax.train import checkpoint as ckpt_lib
 from oanet_jax.train import loop
@@ -166,19 +167,9 @@ print("RESULT " + json.dumps({k: result.get(k) for k in keys}), flush=True)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """One CPU device and a shared persistent compilation cache (only the first run compiles)."""
-    cache = tmp_path_factory.mktemp("jax_cache_faults")
-    return dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        CUDA_VISIBLE_DEVICES="",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=str(ROOT),
-    )
+def env() -> dict[str, str]:
+    """One CPU device and the suite's compilation cache (only the first run compiles)."""
+    return subprocess_env(1)
 
 
 def _busy(mode: str, workdir: pathlib.Path, data_root: str) -> list[str]:

@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from oanet_jax.train import checkpoint as ckpt_lib
 from oanet_jax.train import loop
@@ -99,19 +100,8 @@ def test_zeros_batch_matches_pipeline(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ)
-    e.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        CUDA_VISIBLE_DEVICES="",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=str(ROOT),
-    )
-    return e
+def env() -> dict[str, str]:
+    return subprocess_env(1)
 
 
 @pytest.fixture(scope="module")
