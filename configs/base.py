@@ -58,6 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
     d.image_size = (1344, 1344)
     d.max_instances = 100  # ground truth padded to this many instances, with a `valid` mask
     d.mask_size = 112  # instance masks cropped to their box at this size (TPU Mask R-CNN)
+    # The pipeline ships images and label maps at their source size on a static canvas [H, W];
+    # the device resizes, flips, pads and crops the masks (data/device_transform.py).
+    # (0, 0): the split's largest image (from its JSON) rounded up to multiples of 32.
+    d.source_size = (0, 0)
+    # Instance masks from an instances JSON travel as run lengths: at most this many per image
+    # (an image with more is a bad record naming its file: raise the limit or skip it).
+    d.max_mask_runs = 32768
     d.random_flip = True
     # detectron2 defaults: BGR channel order, mean subtracted, std 1.
     d.channel_order = "BGR"

@@ -13,6 +13,9 @@ inside JAX. The rules:
 * ``data.image_size``: two positive integers, each a multiple of the coarsest stride of the
   backbone named by ``model.backbone`` (32 for every ResNet): the backbone halves the size five
   times and the FPN adds its levels back, which is exact only for such sizes.
+* ``data.source_size`` (training, evaluation): (0, 0) or two positive integers;
+  ``data.max_mask_runs`` a positive integer; ``data.max_instances`` at most 254 (the wire format
+  of :mod:`oanet_jax.data.spec` carries instance ids in a uint8 map).
 * ``data.root`` (training, evaluation; ``data.source == 'coco_panoptic'``): must exist, except in
   training with a synthetic config (``data.synthetic_num_images`` is set), where the training
   loop generates the dataset there and says so loudly (`announce_synthetic_generation`).
@@ -101,9 +104,33 @@ def validate_config(
             problems.append(f"eval.batch_size={eval_batch!r}: must be a positive integer")
     problems += _image_size_problems(config)
     if purpose in ("train", "eval"):
+        problems += _wire_problems(config)
         problems += _root_problems(config, purpose)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _wire_problems(config: Any) -> list[str]:
+    """The wire format's static shapes (``data.source_size``, ``max_mask_runs``, instance ids)."""
+    d = config.data
+    problems = []
+    size = tuple(d.source_size)
+    if (
+        len(size) != 2
+        or not all(isinstance(v, int) and v >= 0 for v in size)
+        or (0 in size and size != (0, 0))
+    ):
+        problems.append(
+            f"data.source_size={size}: must be two positive integers [H, W] (the canvas images "
+            "travel on before the device resizes them) or (0, 0) for the split's largest image"
+        )
+    if not _positive_int(d.max_mask_runs):
+        problems.append(f"data.max_mask_runs={d.max_mask_runs!r}: must be a positive integer")
+    if _positive_int(d.max_instances) and d.max_instances > 254:
+        problems.append(
+            f"data.max_instances={d.max_instances}: at most 254 (the wire's instance map is uint8)"
+        )
+    return problems
 
 
 def _train_batch_problems(

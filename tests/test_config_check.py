@@ -70,6 +70,23 @@ def test_image_size_multiple_of_the_backbone_stride(tmp_path):
     assert config_check.coarsest_backbone_stride(base.get_config()) == 32
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("source_size", (0, 640), r"data\.source_size=\(0, 640\): must be two positive"),
+        ("source_size", (480, -1), r"data\.source_size=\(480, -1\)"),
+        ("max_mask_runs", 0, r"data\.max_mask_runs=0: must be a positive integer"),
+        ("max_instances", 300, r"data\.max_instances=300: at most 254"),
+    ],
+)
+def test_wire_format_rules(tmp_path, field, value, match):
+    config = _tiny(tmp_path)
+    validate_config(config, "eval")
+    config.data[field] = value
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config, "eval")
+
+
 def test_all_problems_listed_at_once(tmp_path):
     config = _tiny(tmp_path)
     config.train.batch_size = 0

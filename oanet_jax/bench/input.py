@@ -13,8 +13,9 @@ it, one after the other (never concurrently, so neither steals the other's cores
   after a warm-up that drains the prefetch buffers.
 
 Reported: images/s of each, images/s per host core (``len(os.sched_getaffinity(0))``), the
-ratio stream / bare decode, and the bytes per example the stream ships (uint8 image; the
-float32 image of before for comparison). Timing through :mod:`oanet_jax.bench.timing`.
+ratio stream / bare decode, and the bytes per example the stream ships (the wire format of
+:mod:`oanet_jax.data.spec`: source-size canvases; the finished batch the device makes of it, and
+the float32 image of before, for comparison). Timing through :mod:`oanet_jax.bench.timing`.
 """
 
 from __future__ import annotations
@@ -198,11 +199,15 @@ def run(
         for name in ("instances_json", "png"):
             s = result[f"stream_{name}"]
             s["ratio_to_bare_decode"] = s["images_per_s"] / both
-        shapes = spec.example_shapes(config.data)
-        nbytes = {k: int(np.prod(shapes[k])) * spec.DTYPES[k].itemsize for k in spec.KEYS}
+        # What the stream ships (the wire format: source-size canvases, run lengths), per
+        # example, beside the batch spec the device makes of it (what was shipped before).
+        nbytes = {k: int(v.nbytes) // batch_size for k, v in batch.items()}
         result["bytes_per_example"] = nbytes
         result["bytes_per_example_total"] = sum(nbytes.values())
         result["bytes_per_image_uint8"] = nbytes["image"]
-        result["bytes_per_image_float32_before"] = nbytes["image"] * 4
+        shapes = spec.example_shapes(config.data)
+        finished = {k: int(np.prod(shapes[k])) * spec.DTYPES[k].itemsize for k in spec.KEYS}
+        result["bytes_per_finished_example"] = sum(finished.values())
+        result["bytes_per_image_float32_before"] = finished["image"] * 4
         result["check_batch_keys"] = sorted(batch)
     return result

@@ -78,6 +78,8 @@ SEGMENT_MISMATCH = "segment_mismatch"
 UNKNOWN_CATEGORY = "unknown_category"
 TOO_MANY_INSTANCES = "too_many_instances"
 SIZE_MISMATCH = "size_mismatch"
+# The example does not fit the wire format's static shapes (data.source_size, max_mask_runs).
+WIRE_LIMIT = "wire_limit"
 MISSING_INSTANCES_RECORD = "missing_instances_record"
 BAD_INSTANCE_ANNOTATION = "bad_instance_annotation"
 ANNOTATION_WITHOUT_IMAGE = "annotation_without_image"
@@ -92,6 +94,7 @@ SKIP_REASONS = frozenset(
         UNKNOWN_CATEGORY,
         TOO_MANY_INSTANCES,
         SIZE_MISMATCH,
+        WIRE_LIMIT,
         MISSING_INSTANCES_RECORD,
         BAD_INSTANCE_ANNOTATION,
         ANNOTATION_WITHOUT_IMAGE,
@@ -653,6 +656,16 @@ class CocoPanopticReader:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def largest_image_shape(self) -> tuple[int, int]:
+        """(max height, max width) over the split's images, from the JSON's ``height`` /
+        ``width`` (each image's file is checked against them when read): the automatic source
+        canvas of the wire format. Images without a size in the JSON are not counted (one
+        larger than the canvas is a bad record naming its file when read).
+        """
+        heights = [int(self._images[i].get("height") or 0) for i in self.image_ids]
+        widths = [int(self._images[i].get("width") or 0) for i in self.image_ids]
+        return max(heights, default=1) or 1, max(widths, default=1) or 1
 
     def __iter__(self) -> Iterator[dict]:
         """Yields the good records in ``image_ids`` order; bad ones raise or are skipped."""

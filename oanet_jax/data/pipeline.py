@@ -1,4 +1,4 @@
-"""tf.data input pipeline: records -> transformed, batched examples of the batch spec.
+"""tf.data input pipeline: records -> wire batches the device finishes into the batch spec.
 
 Sources (``config.data.source``):
 
@@ -6,20 +6,22 @@ Sources (``config.data.source``):
   :class:`oanet_jax.data.coco_panoptic.CocoPanopticReader`. Record indices flow through tf.data;
   per record, a small ``tf.numpy_function`` does the host-side metadata work
   (:meth:`~oanet_jax.data.coco_panoptic.CocoPanopticReader.read_meta`: JSON checks, file headers,
-  segment table, instance run lengths) and every pixel is handled by TF ops
-  (:func:`oanet_jax.data.tf_transforms.transform_example`: decode, segment lookup and check,
-  resize, flip, mask crops), outside the GIL, so the map scales with host cores; examples are
-  padded to the spec in ``padded_batch``.
+  segment table and its hash, instance run lengths) and the pixels are handled by TF ops
+  (:func:`oanet_jax.data.tf_transforms.transform_example`: decode, hashed segment lookup, the
+  PNG-vs-JSON check on a record's first visit), outside the GIL, so the map scales with host
+  cores; examples are padded to the wire shapes in ``padded_batch``.
 * ``'tfds'``: TFDS ``coco/2017_panoptic`` prepared by the user under ``config.data.tfds_data_dir``
   (:mod:`oanet_jax.data.tfds` maps a TFDS example to the same record dict as the reader),
-  transformed on the host by :func:`oanet_jax.data.transforms.transform_record` in
+  made into a wire example on the host by :func:`oanet_jax.data.transforms.wire_from_record` in
   ``tf.numpy_function``.
 
-Both transforms follow the conventions of :mod:`oanet_jax.data.transforms` (the TF one equals the
-host one except the image's bilinear resize, TF's vs PIL's, at most one level apart). Images
-stay uint8; the model normalises them on the device. Batches are dicts of numpy arrays via
-``as_numpy_iterator`` with the keys, dtypes and static shapes of :mod:`oanet_jax.data.spec`
-(B = per-host batch).
+Batches are dicts of numpy arrays (``as_numpy_iterator``) in the wire format of
+:mod:`oanet_jax.data.spec`: images uint8 and label maps at their source size on a static canvas
+(``data.source_size``; automatic: the split's largest image), instance masks as run lengths or an
+instance map, B = per-host batch. The device finishes them
+(:func:`oanet_jax.data.device_transform.finish_batch`: resize, flip, padding to ``image_size``,
+boxes, mask crops) into the batch spec, equal to the host reference
+:func:`oanet_jax.data.transforms.transform_record` (up to one grey level of the image).
 
 Order and determinism: raw-folder source, see :mod:`oanet_jax.data.ordering` (a pure function of
 ``(seed, position)``; ``start_step = k`` yields exactly batches ``k, k + 1, ...``). TFDS source:
@@ -49,10 +51,18 @@ import tensorflow as tf
 from oanet_jax.data import coco_panoptic, spec, tf_transforms
 from oanet_jax.data import tfds as tfds_lib
 from oanet_jax.data.ordering import TrainPlan, augmentation, eval_indices
-from oanet_jax.data.transforms import TransformConfig, checked_resize_shape, transform_record
-from oanet_jax.ops.resize import nearest_indices
+from oanet_jax.data.transforms import (
+    TransformConfig,
+    check_wire_limits,
+    checked_resize_shape,
+    wire_from_record,
+)
 
 _LOG = logging.getLogger(__name__)
+
+# The automatic source canvas where the split's image sizes are not known up front (TFDS):
+# COCO's largest image side is 640.
+TFDS_SOURCE_SIZE = (640, 640)
 
 
 class _ExitGuard:
@@ -107,25 +117,25 @@ atexit.register(_EXIT_GUARD.drain)
 
 def _numpy_map(fn: Callable[..., dict], inputs: list[tf.Tensor], cfg: TransformConfig):
     """Wraps ``fn(*numpy_inputs) -> example dict`` as a tf.numpy_function with static shapes."""
-    signature = spec.tensor_signature(cfg)
+    signature = spec.wire_signature(cfg)
     stopped = []  # the padding example returned once the interpreter is exiting
 
     def flat(*args):
         if not _EXIT_GUARD.enter():
             if not stopped:
-                pad = spec.padding_example(cfg)
-                stopped.append([np.asarray(pad[k], spec.DTYPES[k]) for k in spec.KEYS])
+                pad = spec.wire_padding_example(cfg)
+                stopped.append([np.asarray(pad[k], spec.WIRE_DTYPES[k]) for k in spec.WIRE_KEYS])
             return stopped[0]
         try:
             ex = fn(*args)
-            return [np.asarray(ex[k], spec.DTYPES[k]) for k in spec.KEYS]
+            return [np.asarray(ex[k], spec.WIRE_DTYPES[k]) for k in spec.WIRE_KEYS]
         finally:
             _EXIT_GUARD.leave()
 
-    dtypes = [signature[k].dtype for k in spec.KEYS]
+    dtypes = [signature[k].dtype for k in spec.WIRE_KEYS]
     outs = tf.numpy_function(flat, inputs, dtypes, stateful=False)
     result = {}
-    for k, t in zip(spec.KEYS, outs, strict=True):
+    for k, t in zip(spec.WIRE_KEYS, outs, strict=True):
         t.set_shape(signature[k].shape)
         result[k] = t
     return result
@@ -151,11 +161,16 @@ def _record_meta(
     Raises:
         ValueError: more instances than ``max_instances`` or a resized image larger than
             ``image_size`` (as :func:`oanet_jax.data.transforms.transform_record`).
+        DataError: the example does not fit the wire format (``wire_limit``: an image larger
+            than ``source_size``, more mask runs than ``max_mask_runs``).
     """
     height, width = int(record["height"]), int(record["width"])
     image_id = int(record["image_id"])
     new_h, new_w, scale = checked_resize_shape(
         cfg, image_id, record["file_name"], len(record["classes"]), height, width, short_size
+    )
+    check_wire_limits(
+        cfg, image_id, record["file_name"], height, width, int(record["run_lengths"].size)
     )
     return {
         **record,
@@ -165,9 +180,11 @@ def _record_meta(
         "new_shape": (new_h, new_w),
         "scale": scale,
         "flip": bool(flip),
-        "rows": nearest_indices(height, new_h),
-        "cols": nearest_indices(width, new_w),
         "from_runs": record["table_pos"].size > 0 and record["table_pos"][0] < 0,
+        "verified": False,
+        **tf_transforms.slot_tables(
+            record["table_ids"], record["table_classes"], record["table_pos"]
+        ),
     }
 
 
@@ -440,6 +457,8 @@ def dataset_from_reader(
     if control is None:
         control = PipelineControl("train" if training else "eval", skip_bad_records)
     control.skips = reader
+    largest = getattr(reader, "largest_image_shape", None)
+    cfg = cfg.with_source_size(largest() if largest else TFDS_SOURCE_SIZE)
 
     plan = None
     if training:
@@ -475,9 +494,21 @@ def dataset_from_reader(
             record = read(index)
             if record is None:  # a bad record, counted by the reader
                 return _meta_list(tf_transforms.empty_meta())
-            return _meta_list(_record_meta(record, index, cfg, size, flip))
+            try:
+                meta = _record_meta(record, index, cfg, size, flip)
+            except coco_panoptic.DataError as err:
+                reader.skip_or_raise(err, index)  # raises unless skipping
+                return _meta_list(tf_transforms.empty_meta())
+            meta["verified"] = index in verified
+            return _meta_list(meta)
         finally:
             _EXIT_GUARD.leave()
+
+    verified: set[int] = set()  # records whose PNG matched their JSON once (set.add: atomic)
+
+    def mark_verified(index) -> np.bool_:
+        verified.add(int(index))
+        return np.bool_(True)
 
     def segment_check(index, extra, missing) -> np.bool_:
         return control.call(segment_raise, index, extra, missing)
@@ -497,7 +528,7 @@ def dataset_from_reader(
         for k, t in zip(tf_transforms.META_KEYS, flat, strict=True):
             t.set_shape(tf_transforms.META_SIGNATURE[k][1])
             m[k] = t
-        return q, tf_transforms.transform_example(m, cfg, segment_check)
+        return q, tf_transforms.transform_example(m, cfg, segment_check, mark_verified)
 
     ds = ds.map(mapper, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     guard = None
@@ -576,6 +607,7 @@ def dataset_from_tfds_features(
     isthing = np.asarray(isthing, np.bool_)
     sizes = tuple(int(v) for v in train_sizes)
     counter = _SkipCounter()
+    cfg = cfg.with_source_size(TFDS_SOURCE_SIZE)
     if control is None:
         control = PipelineControl("train" if training else "eval", skip_bad_records)
     control.skips = counter
@@ -609,12 +641,12 @@ def dataset_from_tfds_features(
             flip, size = False, int(test_size)
         try:
             record = tfds_lib.tfds_features_to_record(features, label_to_contiguous, isthing)
-            return transform_record(record, cfg, short_size=size, flip=flip)
+            return wire_from_record(record, cfg, short_size=size, flip=flip)
         except ValueError as err:
             if not skip_bad_records:
                 raise
             counter.add(getattr(err, "reason", "invalid_example"), str(err))
-            return spec.padding_example(cfg)
+            return spec.wire_padding_example(cfg)
 
     def mapper(q, f):
         objects = f["panoptic_objects"]
@@ -643,7 +675,7 @@ def dataset_from_tfds_features(
             if num_examples is None:
                 raise ValueError("eval needs num_examples or num_eval_batches")
             num_eval_batches = max(1, -(-int(num_examples) // batch_size))
-        pad = {k: tf.constant(v) for k, v in spec.padding_example(cfg).items()}
+        pad = {k: tf.constant(v) for k, v in spec.wire_padding_example(cfg).items()}
         padding = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), pad)).repeat()
         ds = ds.concatenate(padding).take(int(num_eval_batches) * batch_size)
     guard = None

@@ -43,6 +43,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "WIRE_DEVICE_KEYS",
+    "WIRE_DTYPES",
+    "WIRE_KEYS",
+    "is_wire",
+    "wire_padding_example",
+    "wire_shapes",
+    "wire_signature",
     "IGNORE_LABEL",
     "KEYS",
     "TRAIN_KEYS",
@@ -100,6 +107,142 @@ DTYPES: dict[str, np.dtype] = {
     "valid": np.dtype(np.bool_),
     "masks": np.dtype(np.float32),
 }
+
+
+# --- the wire format: what the input pipeline ships; the device finishes it into a batch
+#
+# The pipeline's host work stops after decoding: images and label maps leave it at their source
+# size, padded at the bottom / right to a static source canvas (Hs, Ws) (``cfg.source_size``),
+# and the resize, flip, padding to ``image_size``, box scaling and the instance-mask crops run on
+# the device inside jit (:func:`oanet_jax.data.device_transform.finish_batch`), which turns a
+# wire batch into the batch above. Per example (R = ``cfg.max_mask_runs``):
+#
+# * ``image`` uint8 [Hs, Ws, 3]: RGB at the source size, 0 outside ``orig_shape``.
+# * ``semantic`` uint8 [Hs, Ws]: contiguous class ids at the source size, 255 = void / padding.
+# * ``instance_map`` uint8 [Hs, Ws]: ``i + 1`` where instance i (a panoptic segment) is, else 0;
+#   the masks of instances whose ``run_start`` is -1 (non-overlapping masks).
+# * ``image_shape`` int32 [2]: (h, w) the image is resized to; ``orig_shape``, ``scale``,
+#   ``image_id``, ``flipped`` (flip to apply), ``example_valid`` as in the batch.
+# * ``boxes`` float32 [M, 4]: x1y1x2y2 in the ORIGINAL frame, unflipped; when
+#   ``boxes_from_map`` (bool []) they are made on the device from ``instance_map`` instead.
+# * ``classes``, ``is_crowd``, ``valid`` [M] as in the batch.
+# * ``run_ends`` int32 [R]: the instances' masks as run lengths (column-major over the original
+#   H x W, each instance's runs starting with a run of zeros), all instances concatenated and
+#   accumulated: instance i's runs tile [i * H * W, (i + 1) * H * W); padded with 2**31 - 1.
+# * ``run_start`` int32 [M]: index in ``run_ends`` of instance i's first run, or -1 when its mask
+#   is ``instance_map == i + 1``.
+
+WIRE_KEYS = (
+    "image",
+    "semantic",
+    "instance_map",
+    "image_shape",
+    "orig_shape",
+    "scale",
+    "image_id",
+    "flipped",
+    "example_valid",
+    "boxes",
+    "boxes_from_map",
+    "classes",
+    "is_crowd",
+    "valid",
+    "run_ends",
+    "run_start",
+)
+
+# What the device needs of a wire batch to finish its train keys (the rest is host bookkeeping).
+WIRE_DEVICE_KEYS = (
+    "image",
+    "semantic",
+    "instance_map",
+    "image_shape",
+    "orig_shape",
+    "flipped",
+    "boxes",
+    "boxes_from_map",
+    "classes",
+    "is_crowd",
+    "valid",
+    "run_ends",
+    "run_start",
+)
+
+WIRE_DTYPES: dict[str, np.dtype] = {
+    **{k: v for k, v in DTYPES.items() if k not in ("masks",)},
+    "instance_map": np.dtype(np.uint8),
+    "boxes_from_map": np.dtype(np.bool_),
+    "run_ends": np.dtype(np.int32),
+    "run_start": np.dtype(np.int32),
+}
+
+RUN_END_PAD = np.iinfo(np.int32).max
+
+
+def is_wire(batch: Any) -> bool:
+    """Whether a batch (or example) dict is in the wire format (else the batch spec's)."""
+    return "run_ends" in batch
+
+
+def wire_shapes(cfg: Any, batch_size: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Static shape of every wire key (see the wire format above).
+
+    Args:
+        cfg: a TransformConfig whose ``source_size`` is resolved (positive) and
+            ``max_mask_runs`` set.
+        batch_size: B; None for one unbatched example.
+
+    Returns:
+        Dict key -> shape tuple, keys in :data:`WIRE_KEYS` order.
+    """
+    hs, ws = (int(v) for v in cfg.source_size)
+    if hs <= 0 or ws <= 0:
+        raise ValueError(f"source_size must be resolved to a positive size, got {hs}x{ws}")
+    m, r = int(cfg.max_instances), int(cfg.max_mask_runs)
+    base = example_shapes(cfg)
+    shapes = {
+        "image": (hs, ws, 3),
+        "semantic": (hs, ws),
+        "instance_map": (hs, ws),
+        "boxes_from_map": (),
+        "run_ends": (r,),
+        "run_start": (m,),
+    }
+    out = {k: shapes.get(k, base.get(k)) for k in WIRE_KEYS}
+    if batch_size is not None:
+        out = {k: (int(batch_size), *v) for k, v in out.items()}
+    return out
+
+
+def wire_padding_example(cfg: Any) -> dict[str, np.ndarray]:
+    """An all-padding wire example (``example_valid = False``, no instance, no image).
+
+    Image 0, semantic 255, instance map 0, ``image_id`` -1, run ends padded, run starts -1.
+
+    Args:
+        cfg: as :func:`wire_shapes`.
+
+    Returns:
+        Unbatched wire example dict (fresh, writable arrays).
+    """
+    shapes = wire_shapes(cfg)
+    fill = {"semantic": IGNORE_LABEL, "image_id": -1, "run_ends": RUN_END_PAD, "run_start": -1}
+    return {k: np.full(shapes[k], fill.get(k, 0), WIRE_DTYPES[k]) for k in WIRE_KEYS}
+
+
+def wire_signature(cfg: Any) -> dict[str, tf.TensorSpec]:
+    """``tf.TensorSpec`` of every wire key of one unbatched example.
+
+    Args:
+        cfg: as :func:`wire_shapes`.
+
+    Returns:
+        Dict key -> TensorSpec, keys in :data:`WIRE_KEYS` order.
+    """
+    import tensorflow as tf
+
+    shapes = wire_shapes(cfg)
+    return {k: tf.TensorSpec(shapes[k], tf.as_dtype(WIRE_DTYPES[k]), name=k) for k in WIRE_KEYS}
 
 
 def _sizes(cfg: Any) -> tuple[int, int, int, int]:

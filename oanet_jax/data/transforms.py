@@ -1,7 +1,12 @@
 """The per-example transform, its inverse and the on-device image normalisation.
 
-The transform and its inverse are host-side numpy (deterministic, vectorised); the tf.data
-pipeline runs the same transform as TF ops (:mod:`oanet_jax.data.tf_transforms`).
+The transform and its inverse are host-side numpy (deterministic, vectorised): the reference.
+The training and eval pipelines split the same transform in two: decoding and the segment lookup
+on the host (TF ops, :mod:`oanet_jax.data.tf_transforms`; or :func:`wire_from_record` for the
+TFDS source), shipping the wire format of :mod:`oanet_jax.data.spec` (source-size canvases), and
+the resize, flip, padding, boxes and mask crops on the device inside jit
+(:mod:`oanet_jax.data.device_transform`), equal to :func:`transform_record` up to one grey level
+of the image and float rounding of the crops (tests/data/test_device_transform.py).
 
 torchvision's ``GeneralizedRCNNTransform`` in spirit: what maps an image and its annotations into
 the model's padded frame (forward) and what maps the model's outputs back to the image (inverse)
@@ -66,6 +71,10 @@ class TransformConfig:
         pixel_mean: per-channel mean, in ``channel_order``.
         pixel_std: per-channel std, in ``channel_order``.
         channel_order: 'BGR' (flip the RGB image before normalising) or 'RGB'.
+        source_size: (Hs, Ws), the static canvas the pipeline ships images and label maps on
+            before the device resizes them (the wire format of :mod:`oanet_jax.data.spec`);
+            (0, 0) until resolved from the data (:func:`resolve_source_size`).
+        max_mask_runs: R, run lengths per example for instance masks shipped as runs.
     """
 
     image_size: tuple[int, int]
@@ -75,6 +84,8 @@ class TransformConfig:
     pixel_mean: tuple[float, float, float] = (103.53, 116.28, 123.675)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channel_order: str = "BGR"
+    source_size: tuple[int, int] = (0, 0)
+    max_mask_runs: int = 4096
 
     def __post_init__(self):
         if self.channel_order not in ("BGR", "RGB"):
@@ -91,7 +102,29 @@ class TransformConfig:
             pixel_mean=tuple(float(v) for v in config_data.pixel_mean),
             pixel_std=tuple(float(v) for v in config_data.pixel_std),
             channel_order=str(config_data.channel_order),
+            source_size=(int(config_data.source_size[0]), int(config_data.source_size[1])),
+            max_mask_runs=int(config_data.max_mask_runs),
         )
+
+    def with_source_size(self, largest: tuple[int, int]) -> TransformConfig:
+        """This config with ``source_size`` resolved (see :func:`resolve_source_size`)."""
+        return dataclasses.replace(self, source_size=resolve_source_size(self.source_size, largest))
+
+
+def resolve_source_size(configured: Sequence[int], largest: Sequence[int]) -> tuple[int, int]:
+    """The static source canvas (Hs, Ws) of the wire format.
+
+    Args:
+        configured: ``data.source_size``; (0, 0) = automatic.
+        largest: (max H, max W) over the split's images (from its JSON).
+
+    Returns:
+        ``configured`` when set, else ``largest`` rounded up to multiples of 32 (COCO: 640 x 640).
+    """
+    hs, ws = (int(v) for v in configured)
+    if hs > 0 and ws > 0:
+        return hs, ws
+    return tuple(max(32, -(-int(v) // 32) * 32) for v in largest)
 
 
 def resize_shape(height: int, width: int, short_size: int, max_size: int) -> tuple[int, int, float]:
@@ -291,6 +324,136 @@ def transform_record(
     ex["is_crowd"][:n] = np.asarray(record["is_crowd"], np.bool_).reshape(n)
     ex["valid"][:n] = True
     ex["masks"][:n] = crops
+    return ex
+
+
+def check_wire_limits(
+    cfg: TransformConfig,
+    image_id: int,
+    file_name: str,
+    height: int,
+    width: int,
+    num_runs: int,
+) -> None:
+    """Checks that an example fits the wire format's static shapes (:mod:`oanet_jax.data.spec`).
+
+    Args:
+        cfg: transform config with ``source_size`` resolved.
+        image_id: for the message; file_name: the image file, for the message.
+        height: H; width: W of the original image.
+        num_runs: run lengths of its instance masks (0 when they come from the panoptic PNG).
+
+    Raises:
+        DataError (reason ``wire_limit``): an image larger than ``source_size`` or more runs
+            than ``max_mask_runs``; the message names the file and the setting to change.
+    """
+    from oanet_jax.data.coco_panoptic import WIRE_LIMIT, DataError
+
+    hs, ws = cfg.source_size
+    if height > hs or width > ws:
+        raise DataError(
+            f"image is {height}x{width} (HxW), larger than data.source_size {hs}x{ws}, the "
+            "static canvas images travel on (set data.source_size, or (0, 0) for the split's "
+            "largest image)",
+            reason=WIRE_LIMIT,
+            path=file_name,
+            image_id=image_id,
+        )
+    if num_runs > cfg.max_mask_runs:
+        raise DataError(
+            f"its instance masks take {num_runs} run lengths, more than data.max_mask_runs="
+            f"{cfg.max_mask_runs} (raise it, or skip such images with data.skip_bad_records)",
+            reason=WIRE_LIMIT,
+            path=file_name,
+            image_id=image_id,
+        )
+
+
+def mask_run_lengths(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column-major run lengths of binary masks, each instance's starting with zeros.
+
+    The coding of COCO's uncompressed RLE (and of the wire format's ``run_ends`` once
+    accumulated): runs alternate 0 and 1 along the column-major pixel order.
+
+    Args:
+        masks: [N, H, W] binary (0 / 1 or bool).
+
+    Returns:
+        (lengths int32 [R] of all instances concatenated, runs per instance int32 [N]); each
+        instance's lengths sum to H * W.
+    """
+    n = masks.shape[0]
+    lengths, counts = [], []
+    for i in range(n):
+        flat = np.asarray(masks[i], bool).T.reshape(-1)
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        bounds = np.concatenate([[0], change, [flat.size]])
+        runs = np.diff(bounds)
+        if flat.size and flat[0]:
+            runs = np.concatenate([[0], runs])
+        lengths.append(runs.astype(np.int32))
+        counts.append(runs.size)
+    if not lengths:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(lengths), np.asarray(counts, np.int32)
+
+
+def wire_from_record(
+    record: dict[str, Any], cfg: TransformConfig, *, short_size: int, flip: bool
+) -> dict[str, np.ndarray]:
+    """One padded wire example from a reader record (host numpy; the TFDS source's transform).
+
+    The host half of :func:`transform_record` (the device does the rest,
+    :mod:`oanet_jax.data.device_transform`): the image and semantic map on the source canvas,
+    the instance masks as the instance map when they do not overlap (panoptic segments), else as
+    run lengths, boxes in the original frame.
+
+    Args:
+        record: reader record (see :func:`transform_record`).
+        cfg: transform config with ``source_size`` resolved.
+        short_size: target of the shorter side.
+        flip: mirror horizontally (done on the device).
+
+    Returns:
+        Unbatched wire example with every key of :data:`oanet_jax.data.spec.WIRE_KEYS`.
+
+    Raises:
+        ValueError: as :func:`transform_record`; DataError: as :func:`check_wire_limits`.
+    """
+    image = np.asarray(record["image"])
+    height, width = int(image.shape[0]), int(image.shape[1])
+    image_id = int(record["image_id"])
+    file_name = record.get("file_name", "?")
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    n = boxes.shape[0]
+    new_h, new_w, scale = checked_resize_shape(
+        cfg, image_id, file_name, n, height, width, short_size
+    )
+    masks = np.asarray(record["masks"]).reshape(n, height, width).astype(bool)
+    overlapping = n > 0 and int(masks.sum(axis=0, dtype=np.int32).max()) > 1
+    lengths, counts = mask_run_lengths(masks) if overlapping else (np.zeros(0, np.int32), None)
+    check_wire_limits(cfg, image_id, file_name, height, width, lengths.size)
+
+    ex = spec.wire_padding_example(cfg)
+    ex["image"][:height, :width] = image
+    ex["semantic"][:height, :width] = np.asarray(record["semantic"], np.uint8)
+    if n and not overlapping:
+        index = np.arange(1, n + 1, dtype=np.uint8)[:, None, None]
+        ex["instance_map"][:height, :width] = (masks * index).sum(axis=0, dtype=np.uint8)
+    if overlapping:
+        ex["run_ends"][: lengths.size] = np.cumsum(lengths, dtype=np.int64)
+        ex["run_start"][:n] = np.cumsum(counts) - counts
+    ex["image_shape"][:] = (new_h, new_w)
+    ex["orig_shape"][:] = (height, width)
+    ex["scale"] = np.asarray(scale, np.float32)
+    ex["image_id"] = np.asarray(image_id, np.int64)
+    ex["flipped"] = np.asarray(bool(flip))
+    ex["example_valid"] = np.asarray(True)
+    ex["boxes"][:n] = boxes
+    ex["boxes_from_map"] = np.asarray(False)
+    ex["classes"][:n] = np.asarray(record["classes"], np.int32).reshape(n)
+    ex["is_crowd"][:n] = np.asarray(record["is_crowd"], np.bool_).reshape(n)
+    ex["valid"][:n] = True
     return ex
 
 

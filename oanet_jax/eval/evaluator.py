@@ -32,7 +32,8 @@ import numpy as np
 from absl import logging
 
 from oanet_jax.common.metric_writer import MetricWriter
-from oanet_jax.data import pipeline
+from oanet_jax.data import device_transform, pipeline, spec
+from oanet_jax.data.transforms import TransformConfig
 from oanet_jax.eval import ground_truth as gt_lib
 from oanet_jax.eval.inference import InferenceFn, Postprocess, make_inference_fn
 from oanet_jax.eval.instances import InstancesEvaluator
@@ -197,6 +198,9 @@ class EvalRunner:
             batch_keys=batch_keys,
         )
         self._dataset = None
+        self._finish = device_transform.make_finisher(
+            TransformConfig.from_config(config.data), self.infer.data, keys=("image",)
+        )
 
     def _batches(self):
         if self._dataset is None:
@@ -267,6 +271,8 @@ class EvalRunner:
         for index, batch in enumerate(self._batches()):
             if index >= num_batches:
                 break
+            if spec.is_wire(batch):  # the image finished on the device, where inference runs
+                batch = {**batch, **self._finish(batch)}
             if self.device_pq is not None:
                 batch = {**batch, **self.device_pq.batch_arrays(batch)}
             out = self.infer(variables, batch)  # asynchronous: the host work below overlaps it

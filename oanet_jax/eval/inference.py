@@ -81,13 +81,18 @@ class InferenceFn:
         Returns:
           The device outputs (see `make_inference_fn`).
         """
+
+        def host_or_device(x: Any, dtype: Any = None) -> Any:
+            # Arrays already on the device (a finished wire batch) stay there.
+            return x if isinstance(x, jax.Array) else np.asarray(x, dtype)
+
         inputs = {
-            "image": np.asarray(batch["image"]),  # uint8 (the batch spec), normalised on device
-            "image_shape": np.asarray(batch["image_shape"], np.int32),
+            "image": host_or_device(batch["image"]),  # uint8 (the batch spec), normalised there
+            "image_shape": host_or_device(batch["image_shape"], np.int32),
         }
         for key in self.batch_keys:
             if key not in inputs:
-                inputs[key] = np.asarray(batch[key])
+                inputs[key] = host_or_device(batch[key])
         return self._jitted(
             jax.device_put(variables, self.replicated), jax.device_put(inputs, self.data)
         )

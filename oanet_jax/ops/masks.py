@@ -1,4 +1,5 @@
-"""Instance-mask resampling ops: paste, resample, crop-and-resize, masks-to-boxes.
+"""Instance-mask resampling ops: paste, resample, crop-and-resize (from arrays, label maps or
+run lengths), masks-to-boxes.
 
 One sampling convention is used throughout, that of ``torch.nn.functional.grid_sample`` with
 ``align_corners=False``, bilinear interpolation and zero padding (the convention of detectron2's
@@ -27,7 +28,8 @@ that wraps each public function, so eager calls compile once per shape) and work
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -219,13 +221,41 @@ def crop_and_resize_masks(full_masks: jax.Array, boxes: jax.Array, size: int) ->
         [N, size, size] float32 masks in the box frames.
     """
     full = jnp.asarray(full_masks).astype(jnp.float32)
-    boxes = jnp.asarray(boxes, jnp.float32)
     n, height, width = full.shape
+    batch = jnp.arange(n)[:, None, None]
+    return crop_masks_by_lookup(lambda r, c: full[batch, r, c], boxes, height, width, size)
+
+
+def crop_masks_by_lookup(
+    lookup: Callable[[jax.Array, jax.Array], jax.Array],
+    boxes: jax.Array,
+    height: jax.Array | int,
+    width: jax.Array | int,
+    size: int,
+) -> jax.Array:
+    """:func:`crop_and_resize_masks` for masks given by a lookup function, sizes may be traced.
+
+    The masks need not exist as arrays: ``lookup(rows, cols)`` returns instance n's mask value at
+    in-range pixels (rows in [0, height), cols in [0, width)), e.g. a label-map comparison or a
+    run-length search (:func:`mask_value_from_runs`). Points outside the image read 0.
+
+    Args:
+        lookup: ``(rows int32 [N, S, S], cols int32 [N, S, S]) -> [N, S, S]`` mask values (0 / 1
+            or soft).
+        boxes: [N, 4] float (x1, y1, x2, y2) in image pixels.
+        height: H, the image height (Python int or traced int32 scalar).
+        width: W.
+        size: static S.
+
+    Returns:
+        float32 [N, S, S] masks in the box frames.
+    """
+    boxes = jnp.asarray(boxes, jnp.float32)
+    n = boxes.shape[0]
     frac = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
     # Continuous pixel-index positions (pixel r centred at r + 0.5, so index = coordinate - 0.5).
     vy = boxes[:, 1:2] + frac[None, :] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5  # [N, S]
     vx = boxes[:, 0:1] + frac[None, :] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5
-
     y0 = jnp.floor(vy)
     x0 = jnp.floor(vx)
     fy = vy - y0
@@ -233,20 +263,87 @@ def crop_and_resize_masks(full_masks: jax.Array, boxes: jax.Array, size: int) ->
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
 
-    def axis_taps(i0: jax.Array, f: jax.Array, limit: int) -> list[tuple[jax.Array, jax.Array]]:
+    def axis_taps(i0: jax.Array, f: jax.Array, limit: Any) -> list[tuple[jax.Array, jax.Array]]:
         taps = []
         for idx, w in ((i0, 1.0 - f), (i0 + 1, f)):
             inside = (idx >= 0) & (idx < limit)
             taps.append((jnp.clip(idx, 0, limit - 1), jnp.where(inside, w, 0.0)))
         return taps
 
-    batch = jnp.arange(n)[:, None, None]
     out = jnp.zeros((n, size, size), jnp.float32)
     for yi, wyi in axis_taps(y0, fy, height):
         for xi, wxi in axis_taps(x0, fx, width):
-            vals = full[batch, yi[:, :, None], xi[:, None, :]]  # [N, S, S]
+            rows = jnp.broadcast_to(yi[:, :, None], (n, size, size))
+            cols = jnp.broadcast_to(xi[:, None, :], (n, size, size))
+            vals = lookup(rows, cols).astype(jnp.float32)
             out = out + vals * wyi[:, :, None] * wxi[:, None, :]
     return out
+
+
+def mask_value_from_runs(
+    run_ends: jax.Array,
+    run_start: jax.Array,
+    rows: jax.Array,
+    cols: jax.Array,
+    height: jax.Array | int,
+    width: jax.Array | int,
+) -> jax.Array:
+    """Values of run-length-coded binary masks at pixels (the wire format's ``run_ends``).
+
+    Instance n's mask is coded column-major over H x W as runs alternating zeros and ones,
+    starting with zeros; all instances' runs are concatenated and accumulated, so instance n's
+    tile ``[n * H * W, (n + 1) * H * W)`` and ``run_ends`` is sorted. Pixel (r, c) of instance n
+    is position ``q = n * H * W + c * H + r``; the run holding it is the number of ends <= q, and
+    it is a run of ones when its index counted from ``run_start[n]`` is odd.
+
+    Args:
+        run_ends: int32 [R] accumulated run ends, padded with 2**31 - 1.
+        run_start: int32 [N] index of each instance's first run.
+        rows: int32 [N, ...] in-range pixel rows; cols: int32 [N, ...] columns (same shape).
+        height: H (int or traced int32 scalar); width: W.
+
+    Returns:
+        bool [N, ...] mask values.
+    """
+    n = rows.shape[0]
+    index = jnp.arange(n, dtype=jnp.int32).reshape((n,) + (1,) * (rows.ndim - 1))
+    q = (index * width + cols) * height + rows
+    run = jnp.searchsorted(run_ends, q, side="right").astype(jnp.int32)
+    start = run_start.reshape(index.shape)
+    return (run - start) % 2 == 1
+
+
+def boxes_from_label_map(
+    label_map: jax.Array, num: int, height: jax.Array | int, width: jax.Array | int
+) -> jax.Array:
+    """Tight boxes of the regions ``label_map == n + 1`` for n < num (segment min / max).
+
+    Same convention as :func:`masks_to_boxes` (``x2 = max column + 1``; empty regions give
+    zeros), without materialising the N masks: one segment reduction per coordinate.
+
+    Args:
+        label_map: integer [Hs, Ws]; 0 = no instance; only ``[:height, :width]`` is read.
+        num: static N.
+        height: rows of the valid region (int or traced); width: its columns.
+
+    Returns:
+        float32 [N, 4] (x1, y1, x2, y2).
+    """
+    hs, ws = label_map.shape
+    r = jnp.arange(hs, dtype=jnp.int32)[:, None]
+    c = jnp.arange(ws, dtype=jnp.int32)[None, :]
+    inside = (r < height) & (c < width)
+    seg = jnp.where(inside, label_map.astype(jnp.int32), 0).reshape(-1)
+    rr = jnp.broadcast_to(r, (hs, ws)).reshape(-1)
+    cc = jnp.broadcast_to(c, (hs, ws)).reshape(-1)
+    segments = num + 1
+    y1 = jax.ops.segment_min(rr, seg, num_segments=segments)[1:]
+    x1 = jax.ops.segment_min(cc, seg, num_segments=segments)[1:]
+    y2 = jax.ops.segment_max(rr, seg, num_segments=segments)[1:] + 1
+    x2 = jax.ops.segment_max(cc, seg, num_segments=segments)[1:] + 1
+    present = jax.ops.segment_sum(jnp.ones_like(seg), seg, num_segments=segments)[1:] > 0
+    boxes = jnp.stack([x1, y1, x2, y2], axis=1).astype(jnp.float32)
+    return jnp.where(present[:, None], boxes, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("threshold",))

@@ -15,6 +15,20 @@
   interpolated columns first, then rows (PyTorch's order of the bilinear sum). Weights are Python
   floats, so the output keeps the input's float dtype (bfloat16 stays bfloat16). Equal to PyTorch
   up to float rounding (exact weights for power-of-two factors).
+* Image resize on the device with PIL ``Image.resize(..., BILINEAR)`` weights (detectron2's
+  ``ResizeShortestEdge``), as dense per-axis matrices (:func:`resample_matrix`). Along one axis
+  from ``in_size`` to ``out_size``, ``scale = in_size / out_size``, output ``o`` is centred at
+  input position ``(o + 0.5) * scale`` and input ``x`` has the triangle weight
+  ``max(0, 1 - |x + 0.5 - centre| / max(scale, 1))`` (antialiased when shrinking), normalised to
+  sum 1 over ``0 <= x < in_size``. In integers, the triangle's argument is ``num / span`` with
+  ``num = (2x + 1) * out_size - (2o + 1) * in_size`` and ``span = 2 * max(in_size, out_size)``, so
+  the unnormalised weights ``max(0, span - |num|)`` and their row sums are exact and each weight
+  is one correctly rounded float32 division (equal sizes give exactly the identity). Sizes may be
+  traced (per-image sizes on a static padded canvas): rows ``o >= out_size`` and columns
+  ``x >= in_size`` are 0. The image is ``Wy @ image @ Wx^T`` in float32 at ``Precision.HIGHEST``,
+  rounded half up to uint8; PIL's two fixed-point passes round to uint8 in between, so the two
+  agree to within 1. Label maps take the nearest-neighbour rule above on the same canvas
+  (:func:`resize_labels_padded`).
 
 Functions take numpy or jax arrays where stated; shapes are in the docstrings.
 """
@@ -31,7 +45,10 @@ import numpy as np
 __all__ = [
     "nearest_indices",
     "nearest_source_index",
+    "resample_matrix",
     "resize_bilinear",
+    "resize_image_padded",
+    "resize_labels_padded",
     "upsample_bilinear",
     "upsample_bilinear_block",
     "upsample_bilinear_rows",
@@ -233,3 +250,128 @@ def upsample_bilinear_block(
     fh, fw = _pair(factor, "factor")
     row_axis, col_axis = _spatial_axes(block, axes)
     return _upsample_row_padded(jnp.asarray(block), (fh, fw), row_axis, col_axis)
+
+
+# --- PIL bilinear resize on a padded canvas (on device, traced sizes)
+
+
+def _flipped(index: jax.Array, size: jax.Array, flip: Any) -> jax.Array:
+    """``size - 1 - index`` where `flip` (a Python or traced bool), else `index`."""
+    return jnp.where(jnp.asarray(flip, bool), size - 1 - index, index)
+
+
+def resample_matrix(
+    in_size: Any, out_size: Any, in_len: int, out_len: int, *, flip: Any = False
+) -> jax.Array:
+    """PIL's bilinear resize weights along one axis, as a dense matrix on padded canvases.
+
+    ``resample_matrix(...) @ x`` resizes the valid ``x[:in_size]`` of a length-`in_len` axis to
+    ``out_size`` samples in the first entries of a length-`out_len` axis (see the module
+    docstring). Integer arithmetic in int32 up to the one (correctly rounded) division per weight,
+    so ``2 * in_len * out_size`` and ``2 * out_len * in_size`` must stay below ``2 ** 31``.
+
+    Args:
+      in_size: valid input length (1 <= in_size <= in_len), a Python int or a traced int32 scalar.
+      out_size: output length (1 <= out_size <= out_len), a Python int or a traced int32 scalar.
+      in_len: static input canvas length.
+      out_len: static output canvas length.
+      flip: mirror the output (a Python or traced bool): row ``o < out_size`` holds the weights
+        of output ``out_size - 1 - o``.
+
+    Returns:
+      float32 [out_len, in_len]: rows ``o < out_size`` sum to 1 (to float rounding), the other
+      rows and the columns ``x >= in_size`` are 0.
+    """
+    in_size = jnp.asarray(in_size, jnp.int32)
+    out_size = jnp.asarray(out_size, jnp.int32)
+    o = _flipped(jnp.arange(out_len, dtype=jnp.int32), out_size, flip)[:, None]
+    x = jnp.arange(in_len, dtype=jnp.int32)[None, :]
+    num = (2 * x + 1) * out_size - (2 * o + 1) * in_size  # [out_len, in_len]
+    span = 2 * jnp.maximum(in_size, out_size)
+    weight = jnp.where(x < in_size, jnp.maximum(span - jnp.abs(num), 0), 0)  # int32
+    total = jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1).astype(jnp.float32)
+    # XLA rewrites ``a / broadcast(b)`` as ``a * broadcast(1 / b)`` (854 / 854 -> 0.99999994);
+    # the barrier keeps a true elementwise division, correctly rounded, so sizes equal -> identity.
+    total = jax.lax.optimization_barrier(jnp.broadcast_to(total, weight.shape))
+    valid = jnp.arange(out_len, dtype=jnp.int32)[:, None] < out_size
+    return jnp.where(valid, weight.astype(jnp.float32) / total, 0.0)
+
+
+def resize_image_padded(
+    image: jax.Array,
+    in_hw: Any,
+    out_hw: Any,
+    out_shape: tuple[int, int],
+    *,
+    flip: Any = False,
+    round_to_uint8: bool = True,
+) -> jax.Array:
+    """PIL bilinear resize of the valid region of a padded image, onto a padded canvas.
+
+    ``Wy @ image @ Wx^T`` with the :func:`resample_matrix` weights of each axis (columns first,
+    as PIL), float32 at ``Precision.HIGHEST`` (no TF32 on GPUs). Traced sizes and flip are fine,
+    so one compiled program serves every image size; vmap it over a batch.
+
+    Args:
+      image: uint8 or float [Hs, Ws, C]; the image is ``image[:in_h, :in_w]``, the rest is padding
+        (ignored).
+      in_hw: (in_h, in_w) valid input size, Python ints or traced int32 (a pair or an int [2]).
+      out_hw: (out_h, out_w) output size (at most `out_shape`), as `in_hw`.
+      out_shape: static (Hp, Wp) output canvas.
+      flip: mirror the output horizontally within ``[:out_h, :out_w]`` (Python or traced bool).
+      round_to_uint8: round half up and clip to [0, 255], returning uint8 (what PIL gives);
+        else return the float32 values.
+
+    Returns:
+      uint8 (or float32) [Hp, Wp, C]: the resized image in ``[:out_h, :out_w]``, 0 elsewhere.
+    """
+    hs, ws = image.shape[0], image.shape[1]
+    hp, wp = (int(v) for v in out_shape)
+    wy = resample_matrix(in_hw[0], out_hw[0], hs, hp)  # [Hp, Hs]
+    wx = resample_matrix(in_hw[1], out_hw[1], ws, wp, flip=flip)  # [Wp, Ws]
+    highest = jax.lax.Precision.HIGHEST
+    x = jnp.asarray(image).astype(jnp.float32)
+    x = jnp.einsum("pw,hwc->hpc", wx, x, precision=highest, preferred_element_type=jnp.float32)
+    x = jnp.einsum("oh,hpc->opc", wy, x, precision=highest, preferred_element_type=jnp.float32)
+    if not round_to_uint8:
+        return x
+    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0).astype(jnp.uint8)
+
+
+def resize_labels_padded(
+    labels: jax.Array,
+    in_hw: Any,
+    out_hw: Any,
+    out_shape: tuple[int, int],
+    *,
+    flip: Any = False,
+    fill: int = 255,
+) -> jax.Array:
+    """Nearest-neighbour resize (pixel-centre rule) of a padded label map, onto a padded canvas.
+
+    Row and column gathers of :func:`nearest_source_index`; traced sizes and flip are fine, and
+    it vmaps over a batch.
+
+    Args:
+      labels: integer [Hs, Ws]; the map is ``labels[:in_h, :in_w]``, the rest is padding.
+      in_hw: (in_h, in_w) valid input size, Python ints or traced int32 (a pair or an int [2]).
+      out_hw: (out_h, out_w) output size (at most `out_shape`), as `in_hw`.
+      out_shape: static (Hp, Wp) output canvas.
+      flip: mirror the output horizontally within ``[:out_h, :out_w]`` (Python or traced bool).
+      fill: value outside ``[:out_h, :out_w]`` (must fit `labels`' dtype).
+
+    Returns:
+      `labels`' dtype [Hp, Wp].
+    """
+    labels = jnp.asarray(labels)
+    hp, wp = (int(v) for v in out_shape)
+    in_h, in_w = (jnp.asarray(v, jnp.int32) for v in (in_hw[0], in_hw[1]))
+    out_h, out_w = (jnp.asarray(v, jnp.int32) for v in (out_hw[0], out_hw[1]))
+    rows_out = jnp.arange(hp, dtype=jnp.int32)
+    cols_out = jnp.arange(wp, dtype=jnp.int32)
+    rows = jnp.clip(nearest_source_index(rows_out, in_h, out_h), 0, in_h - 1)
+    cols = nearest_source_index(_flipped(cols_out, out_w, flip), in_w, out_w)
+    cols = jnp.clip(cols, 0, in_w - 1)
+    out = jnp.take(jnp.take(labels, rows, axis=0, mode="clip"), cols, axis=1, mode="clip")
+    valid = (rows_out[:, None] < out_h) & (cols_out[None, :] < out_w)
+    return jnp.where(valid, out, jnp.asarray(fill, labels.dtype))

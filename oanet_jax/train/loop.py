@@ -11,9 +11,12 @@ One call trains from the latest checkpoint in ``workdir`` (or from scratch) to
 2. The input pipeline from ``start_step`` = the restored step with the data seed stored in the
    checkpoint, so a resumed run sees exactly the batches the uninterrupted run would have seen.
    The batches come from a daemon thread (:class:`_BatchFetcher`), so that the main thread
-   never blocks in the input pipeline. A bad record raises the pipeline's ``DataError`` (file
-   and record first, one line of context, the ``data.skip_bad_records`` hint); with skipping on,
-   a full pass that yields nothing raises ``AllRecordsSkippedError``.
+   never blocks in the input pipeline. They arrive in the wire format (images at their source
+   size) and are finished on the device (resize, flip, padding, mask crops:
+   :mod:`oanet_jax.data.device_transform`) before the step; a ``data_fn`` may also yield batches
+   of the batch spec, which go to the step as they are. A bad record raises the pipeline's
+   ``DataError`` (file and record first, one line of context, the ``data.skip_bad_records``
+   hint); with skipping on, a full pass that yields nothing raises ``AllRecordsSkippedError``.
 3. The jitted train step (state donated) and, one step behind (so that the host never waits for
    the step it just dispatched), the host-side bookkeeping of each step's metrics
    (:class:`_StepLog`): the non-finite check (``train.on_nonfinite``: 'error' raises
@@ -65,7 +68,9 @@ from absl import logging
 
 from oanet_jax.common.metric_writer import MetricWriter
 from oanet_jax.config_check import announce_synthetic_generation, validate_config
+from oanet_jax.data import device_transform
 from oanet_jax.data import spec as data_spec
+from oanet_jax.data.transforms import TransformConfig
 from oanet_jax.train import checkpoint as ckpt_lib
 from oanet_jax.train.periodic_eval import PeriodicEvaluation
 
@@ -686,6 +691,17 @@ def train_and_evaluate(
     pending: tuple[int, Any] | None = None
     fetcher: _BatchFetcher | None = None
     single = jax.process_count() == 1
+    finish = device_transform.make_finisher(
+        TransformConfig.from_config(config.data), sharding_lib.batch_sharding(mesh)
+    )
+
+    def device_batch(host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The train keys on the mesh: a wire batch finished on the device, or a batch as is."""
+        if data_spec.is_wire(host):
+            wire = {key: host[key] for key in data_spec.WIRE_DEVICE_KEYS}
+            return finish(sharding_lib.shard_batch(wire, mesh))
+        return sharding_lib.shard_batch({key: host[key] for key in data_spec.TRAIN_KEYS}, mesh)
+
     try:
         with StopSignal() as stop:
             if step < num_steps:
@@ -705,9 +721,7 @@ def train_and_evaluate(
                 if host_batch_np is None:
                     stopped_by = stop.signal_name or "signal"
                     break
-                batch = sharding_lib.shard_batch(
-                    {key: host_batch_np[key] for key in data_spec.TRAIN_KEYS}, mesh
-                )
+                batch = device_batch(host_batch_np)
                 state, device_metrics = train_step(state, batch)
                 step += 1
                 if pending is not None:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from oanet_jax.data import coco_panoptic as cp
 from oanet_jax.data.coco_panoptic import CategoryTable, CocoPanopticReader, DataError
+from oanet_jax.data.transforms import TransformConfig
 
 rgb2id = pytest.importorskip("panopticapi.utils").rgb2id
 COCO = pytest.importorskip("pycocotools.coco").COCO
@@ -561,17 +562,17 @@ def test_instances_json_degenerate_polygons(coco_sample_dir, tmp_path):
 # ------------------------------------------------- the TF pipeline: same errors, same counts
 
 
+_EVAL_CFG = TransformConfig(image_size=(128, 128), max_instances=40, mask_size=8, max_size=128)
+
+
 def _eval_pipeline(reader, batch_size):
     """The eval stream of the TF transform over ``reader`` (imports tensorflow after torch)."""
     pytest.importorskip("torch")
-    from oanet_jax.data import pipeline, transforms
+    from oanet_jax.data import pipeline
 
-    cfg = transforms.TransformConfig(
-        image_size=(128, 128), max_instances=40, mask_size=8, max_size=128
-    )
     return pipeline.dataset_from_reader(
         reader,
-        cfg,
+        _EVAL_CFG,
         training=False,
         batch_size=batch_size,
         seed=0,
@@ -590,9 +591,11 @@ def test_pipeline_skips_and_counts_every_reason(coco_sample_dir, tmp_path, insta
         corrupt(ds, k)
     good = len(cases) + 1
     reader = ds.reader(instances=instances, skip_bad_records=True)
+    from oanet_jax.data import device_transform
+
     batches = list(_eval_pipeline(reader, len(cases) + 1).as_numpy_iterator())
     assert len(batches) == 1
-    (batch,) = batches
+    batch = device_transform.finish_numpy(batches[0], _EVAL_CFG)
     valid = batch["example_valid"].tolist()
     by_id = dict(zip(reader.image_ids, valid, strict=False))
     assert by_id.pop(good) and not any(by_id.values()), by_id

@@ -1,7 +1,8 @@
 """Tests for oanet_jax.data.pipeline (the tf.data assembly), end to end.
 
 On the real COCO sample and on a small generated synthetic set (order, determinism, resume, host
-sharding, eval padding; every batch matches the batch spec and equals the per-example transform),
+sharding, eval padding; every wire batch, finished by the device transform, matches the batch
+spec and equals the per-example host transform),
 and the TFDS source on the COCO sample written as a real TFDS ``coco/2017_panoptic`` dataset
 (read through TFDS's own Coco builder; its batches must equal the raw-folder reader's).
 """
@@ -20,7 +21,14 @@ import pytest
 pytest.importorskip("torch")  # imported before tensorflow (conftest too)
 
 from configs import base, tiny  # noqa: E402
-from oanet_jax.data import ordering, pipeline, spec, synthetic, transforms  # noqa: E402
+from oanet_jax.data import (  # noqa: E402
+    device_transform,
+    ordering,
+    pipeline,
+    spec,
+    synthetic,
+    transforms,
+)
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -29,9 +37,19 @@ def _unbatch(batch: dict, i: int) -> dict:
     return {k: v[i] for k, v in batch.items()}
 
 
-def _take(ds, n: int) -> list[dict]:
+def _finished(wire: dict, config) -> dict:
+    """A wire batch of the pipeline, finished by the device transform (numpy, every batch key)."""
+    assert spec.is_wire(wire)
+    return device_transform.finish_numpy(wire, transforms.TransformConfig.from_config(config.data))
+
+
+def _take(ds, n: int, config) -> list[dict]:
     it = ds.as_numpy_iterator()
-    return [next(it) for _ in range(n)]
+    return [_finished(next(it), config) for _ in range(n)]
+
+
+def _all(ds, config) -> list[dict]:
+    return [_finished(b, config) for b in ds.as_numpy_iterator()]
 
 
 def _assert_batches_equal(a: list[dict], b: list[dict]) -> None:
@@ -73,7 +91,7 @@ def test_coco_sample_train_batches_match_transform(coco_sample_dir, check_paddin
     ds = pipeline.build_dataset(
         c, "train", training=True, batch_size=2, seed=3, process_index=0, process_count=1
     )
-    batches = _take(ds, 3)  # 3 epochs of the 2 images
+    batches = _take(ds, 3, c)  # 3 epochs of the 2 images
     plan = ordering.TrainPlan(2, 3, 0, 1, (200, 240))
     seen_flip, seen_sizes = set(), set()
     for step, batch in enumerate(batches):
@@ -101,12 +119,16 @@ def test_coco_sample_train_batches_match_transform(coco_sample_dir, check_paddin
             np.testing.assert_allclose(ex["boxes"][:n], expected, rtol=1e-5, atol=1e-4)
             np.testing.assert_array_equal(ex["classes"][:n], rec["classes"])
             # Everything equals the host transform of the same record and plan, except the
-            # image: TF's bilinear resize vs PIL's fixed-point one, at most one level apart.
+            # image (the device's float resize vs PIL's fixed-point one, at most one level
+            # apart) and the mask crops (sample positions in float32 on the device, float64 on
+            # the host).
             ref = transforms.transform_record(rec, cfg, short_size=size, flip=flip)
             for k in ref:
                 if k == "image":
                     diff = np.abs(ex[k].astype(np.int16) - ref[k].astype(np.int16))
                     assert ex[k].dtype == np.uint8 and diff.max() <= 1 and diff.mean() < 0.2
+                elif k in ("masks", "boxes"):
+                    np.testing.assert_allclose(ex[k], ref[k], atol=1e-4, err_msg=k)
                 else:
                     np.testing.assert_array_equal(ex[k], ref[k], err_msg=k)
             seen_flip.add(flip)
@@ -117,10 +139,11 @@ def test_coco_sample_train_batches_match_transform(coco_sample_dir, check_paddin
 def test_coco_sample_eval_padding_and_hosts(coco_sample_dir, check_padding):
     c = _coco_config(coco_sample_dir)
     cfg = transforms.TransformConfig.from_config(c.data)
-    (batch,) = list(
+    (batch,) = _all(
         pipeline.build_dataset(
             c, "eval", training=False, batch_size=3, seed=0, process_index=0, process_count=1
-        ).as_numpy_iterator()
+        ),
+        c,
     )
     spec.validate(batch, cfg, 3, train=False)
     assert batch["example_valid"].tolist() == [True, True, False]
@@ -181,7 +204,7 @@ def test_synthetic_determinism_resume_and_hosts(synthetic_dir, check_padding):
             process_index=host,
             process_count=hosts,
         )
-        return _take(ds, steps)
+        return _take(ds, steps, c)
 
     first = run()
     spec.validate(first[0], cfg, 4, train=False)
@@ -212,7 +235,7 @@ def test_synthetic_default_process_and_eval(synthetic_dir, check_padding):
     c = _tiny_config(synthetic_dir)
     # process_index / process_count default to jax's (one process here).
     ds = pipeline.build_dataset(c, "eval", training=False, batch_size=2, seed=0)
-    batches = list(ds.as_numpy_iterator())
+    batches = _all(ds, c)
     assert len(batches) == 2  # 3 val images -> 2 batches, the last one padded
     assert [b["example_valid"].tolist() for b in batches] == [[True, True], [True, False]]
     for b in batches:
@@ -324,7 +347,7 @@ def test_tfds_source_equals_reader_source(coco_sample_dir, tfds_coco_dir):
         ds = pipeline.build_dataset(
             c, "eval", training=False, batch_size=3, seed=0, process_index=0, process_count=1
         )
-        return list(ds.as_numpy_iterator())
+        return _all(ds, c)
 
     (a,), (b,) = eval_batches(tfds_cfg), eval_batches(reader_cfg)
     spec.validate(a, cfg, 3, train=False)
@@ -332,8 +355,7 @@ def test_tfds_source_equals_reader_source(coco_sample_dir, tfds_coco_dir):
     order = np.argsort(a["image_id"][:2])  # TFDS stores examples in its own (hashed) order
     for k in a:
         # Same semantic map, instances and crops; the same decoded pixels (PIL for TFDS, TF's
-        # accurate IDCT for the reader), resized by PIL (TFDS: the host transform) vs TF (the
-        # reader: the TF transform), at most one level apart.
+        # accurate IDCT for the reader), resized on the device alike.
         if k == "image":
             diff = np.abs(a[k][:2][order].astype(np.int16) - b[k][:2].astype(np.int16))
             assert diff.max() <= 1 and diff.mean() < 0.2
@@ -353,7 +375,7 @@ def test_tfds_source_equals_reader_source(coco_sample_dir, tfds_coco_dir):
             process_index=host,
             process_count=hosts,
         )
-        return _take(ds, steps)
+        return _take(ds, steps, tfds_cfg)
 
     full = train()
     spec.validate(full[0], cfg, 1, train=False)

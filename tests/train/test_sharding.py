@@ -177,14 +177,14 @@ def test_state_sharding_shards_params_on_model():
 @pytest.fixture(scope="module")
 def batches(tmp_path_factory):
     """Three training batches of 8 64x64 images from the tf.data pipeline + a NaN batch."""
-    from oanet_jax.data import pipeline, synthetic
+    from oanet_jax.data import device_transform, pipeline, synthetic
 
     root = tmp_path_factory.mktemp("synthetic_tiny")
     synthetic.generate(str(root), 8, 2, 0, size=(64, 64))
     cfg = _config(root=root)
     ds = pipeline.build_dataset(cfg, "train", training=True, batch_size=8, seed=0)
     it = ds.as_numpy_iterator()
-    out = [next(it) for _ in range(NUM_STEPS)]
+    out = [device_transform.finish_numpy(next(it), cfg.data) for _ in range(NUM_STEPS)]
     assert all(b["image"].shape == (8, 64, 64, 3) for b in out)
     assert all(b["valid"].any() for b in out)
     bad = {k: v.copy() for k, v in out[0].items()}

@@ -80,7 +80,7 @@ def test_truncate_metrics(tmp_path):
 
 def test_zeros_batch_matches_pipeline(tmp_path):
     from configs import tiny
-    from oanet_jax.data import pipeline, spec
+    from oanet_jax.data import device_transform, pipeline, spec
 
     config = tiny.get_config()
     config.data.root = str(tmp_path / "data")
@@ -88,8 +88,10 @@ def test_zeros_batch_matches_pipeline(tmp_path):
     assert not loop.maybe_generate_synthetic(config)  # exists: left alone
     assert os.path.isfile(tmp_path / "data" / "train" / "panoptic.json")
     ds = pipeline.build_dataset(config, "train", training=True, batch_size=2, seed=0)
-    real = next(ds.as_numpy_iterator())
-    spec.validate(real, config.data, 2, train=False)  # the pipeline yields the full spec
+    wire = next(ds.as_numpy_iterator())
+    assert spec.is_wire(wire)  # the pipeline ships the wire format; the device finishes it
+    real = device_transform.finish_numpy(wire, config.data)
+    spec.validate(real, config.data, 2, train=False)
     sample = spec.zeros_batch(config.data, 2)  # what train_and_evaluate initialises with
     assert set(sample) == set(spec.TRAIN_KEYS)
     for k, v in sample.items():
@@ -237,6 +239,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, env, data_root):
 _NAN_SCRIPT = """
 import json, sys
 from configs import tiny
+from oanet_jax.data import device_transform
 from oanet_jax.train import loop, step as step_lib
 mode, workdir, data_root, nan_step = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 config = tiny.get_config()
@@ -252,8 +255,10 @@ def data_fn(config, *, batch_size, seed, start_step):
     for i, batch in enumerate(loop.train_batches(
             config, batch_size=batch_size, seed=seed, start_step=start_step)):
         if start_step + i + 1 == nan_step:
-            # uint8 images cannot hold a NaN (the losses mask every other input): a float32
-            # image, which the model takes as already normalised (one more trace).
+            # uint8 images cannot hold a NaN (the losses mask every other input): the batch
+            # finished on the host, with a float32 image, which the model takes as already
+            # normalised (one more trace).
+            batch = device_transform.finish_numpy(batch, config.data)
             batch = dict(batch, image=batch["image"].astype("float32"))
             batch["image"][0, 5, 7, 1] = float("nan")
         yield batch
