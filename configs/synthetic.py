@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_num_images = 1000
     c.data.synthetic_num_val_images = 100
     c.data.synthetic_size = (128, 128)
+    # The benchmark's difficulty (oanet_jax.data.synthetic.Knobs): the chance that an instance is
+    # placed next to one of another class, and that it follows the depth rule.
+    c.data.synthetic_near_prob = 0.18
+    c.data.synthetic_depth_consistency = 1.0
     c.data.min_size_train = (128,)
     c.data.min_size_test = 128
     c.data.max_size = 128

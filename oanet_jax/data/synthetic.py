@@ -18,6 +18,12 @@ images with the same structure, small enough to train on a CPU:
   frequency, and ordering instances by detection score is often wrong. The other things follow a
   consistent depth rule: the instance whose full mask reaches lower in the image is nearer the
   camera and on top (equal lowest rows: the later placed one on top).
+* Two knobs set the benchmark's difficulty (`Knobs`): `near_prob`, the chance that a person, car
+  or ball is placed next to an instance of another class (how many instances overlap another
+  class), and `depth_consistency`, the chance that a person, car or ball follows the depth rule
+  above; otherwise its depth is drawn at random, so its class and position no longer say whether
+  it lies on top. Ties stay on top of their person. The defaults (0.18, 1.0) draw exactly the
+  dataset of earlier versions.
 * Every thing instance keeps at least 30% of its full mask visible and at least
   `max(8, H*W/1000)` visible pixels; placements that would break this (for any instance) are
   redrawn, and dropped after a few tries. Stuff classes with fewer visible pixels become void.
@@ -99,8 +105,39 @@ _COUNT_PROBS = {
 _TIE_PROB = 0.2
 # Chance that a person/car/ball is placed next to an existing instance of another class (so that
 # they overlap); otherwise it is placed where it overlaps nothing, when such a place is found.
-_NEAR_PROB = 0.18
 _MAX_TRIES = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """The benchmark's difficulty (see the module docstring).
+
+    Attributes:
+      near_prob: chance that a person/car/ball is placed next to an existing instance of another
+        class (so that they overlap); otherwise it is placed where it overlaps nothing, when such a
+        place is found. In [0, 1].
+      depth_consistency: chance that a person/car/ball follows the depth rule (lower in the image
+        = on top); otherwise its depth is a random row. In [0, 1]; 1 draws no extra random number
+        (the default dataset is unchanged).
+    """
+
+    near_prob: float = 0.18
+    depth_consistency: float = 1.0
+
+    def __post_init__(self):
+        for name in ("near_prob", "depth_consistency"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"synthetic knob {name} must be in [0, 1], got {value}")
+
+    @classmethod
+    def from_config(cls, data: Any) -> Knobs:
+        """The knobs of ``config.data`` (``synthetic_near_prob``, ``synthetic_depth_consistency``;
+        the defaults where a config has none)."""
+        return cls(
+            near_prob=float(data.get("synthetic_near_prob", cls.near_prob)),
+            depth_consistency=float(data.get("synthetic_depth_consistency", cls.depth_consistency)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +171,14 @@ class _Instance:
     params: dict[str, Any]
     order: int  # placement order
     host: int = -1  # index of the person a tie sits on
+    depth: int = -1  # random depth row (Knobs.depth_consistency); -1: the lowest mask row
 
     @property
     def zkey(self) -> tuple[int, int, int]:
-        """Painter's order (ascending = drawn first): ties last, then by lowest mask row."""
+        """Painter's order (ascending = drawn first): ties last, then by lowest mask row (or the
+        instance's random depth row)."""
+        if self.depth >= 0:
+            return (int(self.category == TIE), self.depth, self.order)
         rows = np.flatnonzero(self.mask.any(axis=1))
         return (int(self.category == TIE), int(rows[-1]), self.order)
 
@@ -444,7 +485,7 @@ def _overlaps(mask: np.ndarray, others: list[_Instance]) -> bool:
 
 
 def _place_instances(
-    rng: np.random.Generator, h: int, w: int, min_pixels: int
+    rng: np.random.Generator, h: int, w: int, min_pixels: int, knobs: Knobs
 ) -> tuple[list[_Instance], int]:
     plan = []
     for cat, probs in _COUNT_PROBS.items():
@@ -455,7 +496,10 @@ def _place_instances(
     for cat in plan:
         wants_tie = cat == PERSON and rng.random() < _TIE_PROB
         others = [o for o in instances if o.category != cat]
-        near = bool(others) and rng.random() < _NEAR_PROB
+        near = bool(others) and rng.random() < knobs.near_prob
+        depth = -1
+        if knobs.depth_consistency < 1.0 and rng.random() >= knobs.depth_consistency:
+            depth = int(rng.integers(h))
         placed = None
         for attempt in range(_MAX_TRIES):
             center = None
@@ -471,7 +515,7 @@ def _place_instances(
             # 'far' placements avoid every instance while tries remain (the last try is free).
             if not near and attempt < _MAX_TRIES - 1 and _overlaps(mask, instances):
                 continue
-            cand = _Instance(cat, mask, p, len(instances))
+            cand = _Instance(cat, mask, p, len(instances), depth=depth)
             if _all_visible([*instances, cand], h, w, min_pixels):
                 placed = cand
                 break
@@ -522,15 +566,20 @@ def image_id(split: str, index: int) -> int:
 
 
 def generate_example(
-    seed: int, split: str, index: int, size: tuple[int, int] = (128, 128)
+    seed: int,
+    split: str,
+    index: int,
+    size: tuple[int, int] = (128, 128),
+    knobs: Knobs = Knobs(),
 ) -> SyntheticExample:
-    """Draws image `index` of `split` (deterministic in (seed, split, index, size)).
+    """Draws image `index` of `split` (deterministic in (seed, split, index, size, knobs)).
 
     Args:
       seed: non-negative integer seed of the dataset.
       split: 'train' or 'val'.
       index: position of the image in its split (0-based, < MAX_INDEX).
       size: (H, W) of the image.
+      knobs: the benchmark's difficulty.
 
     Returns:
       A `SyntheticExample` (see its docstring for shapes and dtypes).
@@ -557,7 +606,7 @@ def generate_example(
             tex = fn(rng, h, w) if sid == SKY else fn(rng, h, w, scale)
             image = np.where((label == c)[..., None], tex, image)
 
-    instances, dropped = _place_instances(rng, h, w, min_pixels)
+    instances, dropped = _place_instances(rng, h, w, min_pixels, knobs)
     order = sorted(range(len(instances)), key=lambda k: instances[k].zkey)
     for i in order:
         sl, tex = _instance_texture(rng, instances[i], h, w)
@@ -622,7 +671,13 @@ def overlap_flags(masks: np.ndarray, categories: np.ndarray) -> np.ndarray:
 
 
 def _write_split(
-    out_dir: str, split: str, num: int, seed: int, size: tuple[int, int], image_format: str
+    out_dir: str,
+    split: str,
+    num: int,
+    seed: int,
+    size: tuple[int, int],
+    image_format: str,
+    knobs: Knobs,
 ) -> dict[str, Any]:
     split_dir = os.path.join(out_dir, split)
     image_dir = os.path.join(split_dir, "images")
@@ -635,7 +690,7 @@ def _write_split(
     stuff_segments = dict.fromkeys((CATEGORY_NAMES[s] for s in STUFF_IDS), 0)
     num_overlapping = num_instances = dropped = void_pixels = 0
     for index in range(num):
-        ex = generate_example(seed, split, index, size)
+        ex = generate_example(seed, split, index, size, knobs)
         iid = image_id(split, index)
         name = f"{iid:012d}"
         h, w = ex.panoptic.shape
@@ -671,7 +726,7 @@ def _write_split(
         dropped += ex.dropped
         void_pixels += int((ex.panoptic == 0).sum())
     info = {"description": "oanet_jax synthetic occlusion dataset", "version": "1.0",
-            "seed": seed, "split": split}  # fmt: skip
+            "seed": seed, "split": split, **dataclasses.asdict(knobs)}  # fmt: skip
     write_json(
         os.path.join(split_dir, "panoptic.json"),
         {"info": info, "licenses": [], "images": images, "annotations": pan_anns,
@@ -703,6 +758,7 @@ def generate(
     seed: int,
     size: tuple[int, int] = (128, 128),
     image_format: str = "png",
+    knobs: Knobs = Knobs(),
 ) -> dict[str, Any]:
     """Writes the synthetic dataset (train and val splits) under `out_dir`.
 
@@ -716,6 +772,7 @@ def generate(
       seed: non-negative integer seed; the same arguments give byte-identical files.
       size: (H, W) of the images, each at least 32.
       image_format: 'png' or 'jpg' for the RGB images (panoptic PNGs are always PNG).
+      knobs: the benchmark's difficulty (recorded in the JSONs' ``info``).
 
     Returns:
       Statistics: `train`/`val` per-split dicts (num_images, num_instances, num_overlapping,
@@ -733,8 +790,8 @@ def generate(
     write_json(os.path.join(out_dir, "categories.json"), CATEGORIES)
     size = (int(size[0]), int(size[1]))
     stats: dict[str, Any] = {
-        "train": _write_split(out_dir, "train", num_images, seed, size, image_format),
-        "val": _write_split(out_dir, "val", num_val_images, seed, size, image_format),
+        "train": _write_split(out_dir, "train", num_images, seed, size, image_format, knobs),
+        "val": _write_split(out_dir, "val", num_val_images, seed, size, image_format, knobs),
     }
     total = stats["train"]["num_instances"] + stats["val"]["num_instances"]
     overlapping = stats["train"]["num_overlapping"] + stats["val"]["num_overlapping"]
@@ -763,6 +820,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="non-negative dataset seed")
     p.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="RGB image format")
+    p.add_argument("--near-prob", type=float, default=Knobs.near_prob, help="see synthetic.Knobs")
+    p.add_argument(
+        "--depth-consistency",
+        type=float,
+        default=Knobs.depth_consistency,
+        help="see synthetic.Knobs",
+    )
     return p.parse_args(argv)
 
 
@@ -777,7 +841,10 @@ def main(argv: list[str] | None = None) -> dict:
     num_val = (
         args.num_val_images if args.num_val_images is not None else max(1, args.num_images // 10)
     )
-    stats = generate(args.out, args.num_images, num_val, args.seed, tuple(args.size), args.format)
+    knobs = Knobs(near_prob=args.near_prob, depth_consistency=args.depth_consistency)
+    stats = generate(
+        args.out, args.num_images, num_val, args.seed, tuple(args.size), args.format, knobs
+    )
     h, w = args.size
     print(f"wrote {args.out}: {args.num_images} train + {num_val} val images of {h}x{w}")
     for split in ("train", "val"):

@@ -124,7 +124,14 @@ def maybe_generate_synthetic(config: ml_collections.ConfigDict) -> bool:
     announce_synthetic_generation(d.root, int(d.synthetic_num_images), num_val, size)
     t0 = time.time()
     tmp = f"{d.root.rstrip('/')}.tmp-{socket.gethostname()}-{jax.process_index()}-{os.getpid()}"
-    synthetic.generate(tmp, int(d.synthetic_num_images), num_val, int(config.seed), size)
+    synthetic.generate(
+        tmp,
+        int(d.synthetic_num_images),
+        num_val,
+        int(config.seed),
+        size,
+        knobs=synthetic.Knobs.from_config(d),
+    )
     try:
         os.replace(tmp, d.root)  # atomic: a killed generation leaves no half-written root
     except OSError:

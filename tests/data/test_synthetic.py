@@ -251,3 +251,64 @@ def test_bad_arguments(tmp_path):
         synthetic.generate_example(0, "test", 0)
     with pytest.raises(ValueError, match="seed"):
         synthetic.generate_example(-1, "train", 0)
+
+
+def _overlap_share(knobs: synthetic.Knobs, n: int = 60) -> float:
+    ex = [synthetic.generate_example(5, "train", i, SIZE, knobs) for i in range(n)]
+    return float(np.concatenate([synthetic.overlap_flags(e.masks, e.instance_categories)
+                                 for e in ex]).mean())  # fmt: skip
+
+
+def test_knob_near_prob_sets_the_overlap_share():
+    sparse = _overlap_share(synthetic.Knobs(near_prob=0.0))
+    default = _overlap_share(synthetic.Knobs())
+    dense = _overlap_share(synthetic.Knobs(near_prob=0.6))
+    assert sparse < default < dense
+    assert dense > 2 * sparse
+
+
+def test_knob_defaults_draw_the_same_dataset():
+    # Knobs() draws no extra random number: the examples equal those drawn without knobs.
+    for i in range(5):
+        a = synthetic.generate_example(2, "val", i, SIZE)
+        b = synthetic.generate_example(2, "val", i, SIZE, synthetic.Knobs(0.18, 1.0))
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.panoptic, b.panoptic)
+
+
+def test_knob_depth_consistency_breaks_the_depth_rule():
+    """With depth_consistency 0 the visible instance in an overlap of two non-ties is often the
+    one whose full mask ends higher in the image (never with the rule)."""
+
+    def higher_on_top(knobs: synthetic.Knobs) -> tuple[int, int]:
+        against = pairs = 0
+        for i in range(80):
+            e = synthetic.generate_example(9, "train", i, SIZE, knobs)
+            for a in range(len(e.masks)):
+                for b in range(len(e.masks)):
+                    cats = e.instance_categories
+                    if synthetic.TIE in (cats[a], cats[b]) or a == b:
+                        continue
+                    both = e.masks[a] & e.masks[b]
+                    low_a = np.flatnonzero(e.masks[a].any(axis=1)).max()
+                    low_b = np.flatnonzero(e.masks[b].any(axis=1)).max()
+                    if not both.any() or low_a >= low_b:
+                        continue
+                    pairs += 1  # b reaches lower: the rule puts b on top
+                    against += int((e.panoptic[both] == e.instance_ids[a]).mean() > 0.5)
+        return against, pairs
+
+    against, pairs = higher_on_top(synthetic.Knobs(near_prob=0.5))
+    assert pairs > 10 and against == 0
+    against, pairs = higher_on_top(synthetic.Knobs(near_prob=0.5, depth_consistency=0.0))
+    assert pairs > 10 and against > 0.2 * pairs
+
+
+def test_knobs_are_validated_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="near_prob"):
+        synthetic.Knobs(near_prob=1.5)
+    with pytest.raises(ValueError, match="depth_consistency"):
+        synthetic.Knobs(depth_consistency=-0.1)
+    synthetic.generate(str(tmp_path), 2, 1, seed=1, size=SIZE, knobs=synthetic.Knobs(0.3, 0.7))
+    info = json.loads((tmp_path / "val" / "panoptic.json").read_text())["info"]
+    assert info["near_prob"] == 0.3 and info["depth_consistency"] == 0.7
