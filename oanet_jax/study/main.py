@@ -1,0 +1,145 @@
+"""`oanet-study`: the paper's claims on the synthetic benchmark, one command, resumable.
+
+Usage::
+
+    oanet-study --out workdir/study [--preset full] [--arms full_gt,pano] [--seeds 0,1,2]
+        [--results docs/RESULTS.md] [--figures docs/figures]
+
+For every (arm, seed) of the plan (`oanet_jax.study.plan`), in order: the dataset of the arm's
+benchmark setting and seed is generated once (``OUT/data/<setting>-seed<k>``, with its generator
+statistics in ``OUT/data/<setting>-seed<k>.stats.json``), then the run trains and evaluates in its
+own process (`oanet_jax.study.worker`, log in ``OUT/runs/<arm>/seed<k>/log.txt``). A run with a
+``result.json`` is finished and skipped on a rerun; a killed run resumes from its last
+checkpoint. After every run the report (`oanet_jax.study.report`) is rewritten from all finished
+runs, so it always shows what has been measured; a failed run is reported with its log and the
+study goes on (exit status 1 at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from oanet_jax.study import plan, report, worker
+
+__all__ = ["ensure_data", "main"]
+
+
+def ensure_data(out: str, preset: plan.Preset, setting: str, seed: int) -> str:
+    """Generates the dataset of (setting, seed) at the preset's size unless it exists.
+
+    Returns:
+      the data root.
+    """
+    from oanet_jax.common.files import write_json
+    from oanet_jax.data import synthetic
+
+    root = worker.data_root(out, setting, seed)
+    stats_path = root + ".stats.json"
+    if os.path.isdir(root) and os.path.exists(stats_path):
+        return root
+    config = worker.build_config(preset, plan.Arm("data", "", setting=setting), seed, out)
+    d = config.data
+    tmp = root + ".tmp"
+    stats = synthetic.generate(
+        tmp,
+        int(d.synthetic_num_images),
+        int(d.synthetic_num_val_images),
+        int(seed),
+        tuple(int(v) for v in d.synthetic_size),
+        knobs=plan.SETTINGS[setting],
+    )
+    if os.path.isdir(root):  # a copy without statistics (e.g. written by the training loop)
+        import shutil
+
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    write_json(stats_path, stats, indent=1)
+    return root
+
+
+def _run_one(out: str, preset: plan.Preset, arm: plan.Arm, seed: int) -> tuple[bool, float]:
+    """Runs one (arm, seed) in a subprocess; returns (succeeded, seconds)."""
+    workdir = worker.run_dir(out, arm, seed)
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "oanet_jax.study.worker", "--out", out,
+        "--preset", preset.name, "--arm", arm.name, "--seed", str(seed),
+    ]  # fmt: skip
+    # Seeds of an arm compile the same programs: JAX's persistent cache loads them instead.
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "jax_cache"))
+    start = time.perf_counter()
+    with open(os.path.join(workdir, "log.txt"), "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    return proc.returncode == 0, time.perf_counter() - start
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="workdir/study", help="runs and data (resumable)")
+    p.add_argument("--preset", choices=sorted(plan.PRESETS), default="full")
+    p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--results", default="docs/RESULTS.md", help="the report written")
+    p.add_argument("--figures", default="docs/figures", help="the report's figures")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the study (see the module docstring); returns the exit status."""
+    args = _parse(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    preset = plan.PRESETS[args.preset]
+    arms = tuple(plan.arm_by_name(n) for n in args.arms.split(",") if n) if args.arms else plan.ARMS
+    seeds = tuple(int(s) for s in args.seeds.split(",") if s) or None
+    todo = plan.runs(preset, arms, seeds)
+    out = os.path.abspath(args.out)
+    if args.dry_run:
+        for arm, seed in todo:
+            done = os.path.exists(os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE))
+            print(f"{arm.name} seed {seed}: {'done' if done else 'to run'}")
+        return 0
+    failed = []
+    study_start = time.perf_counter()
+    for k, (arm, seed) in enumerate(todo):
+        workdir = worker.run_dir(out, arm, seed)
+        if os.path.exists(os.path.join(workdir, worker.RESULT_FILE)):
+            print(f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: done (skipped)", flush=True)
+            continue
+        ensure_data(out, preset, arm.setting, seed)
+        ok, seconds = _run_one(out, preset, arm, seed)
+        if ok:
+            with open(os.path.join(workdir, worker.RESULT_FILE)) as f:
+                pan = json.load(f)["eval"]["panoptic"]
+            pq = ", ".join(f"PQ ({o}) {r['PQ']:.1f}" for o, r in pan.items())
+            print(f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: {pq} ({seconds:.0f} s)")
+        else:
+            failed.append((arm.name, seed))
+            print(
+                f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: FAILED after {seconds:.0f} s, "
+                f"see {os.path.join(workdir, 'log.txt')}",
+                flush=True,
+            )
+        report.write(out, preset, args.results, args.figures, failed=failed)
+    report.write(out, preset, args.results, args.figures, failed=failed)
+    print(
+        f"Study: {len(todo)} runs ({len(failed)} failed) in "
+        f"{(time.perf_counter() - study_start) / 60:.1f} min; report {args.results}",
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
+def cli() -> None:
+    """Console entry point."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

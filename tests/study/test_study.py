@@ -1,0 +1,77 @@
+"""The study command end to end at the tiny preset: runs, resume/skip, the report's contents."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from oanet_jax.modeling.build import resolve_srm_train_masks
+from oanet_jax.study import main as study_main
+from oanet_jax.study import plan, report, worker
+
+
+def test_plan_arms_build_configs(tmp_path):
+    """Every arm's overrides name real config fields and reach the config."""
+    for preset in plan.PRESETS.values():
+        for arm in plan.ARMS:
+            c = worker.build_config(preset, arm, 3, str(tmp_path))
+            assert c.seed == 3
+            assert c.data.root == worker.data_root(str(tmp_path), arm.setting, 3)
+            knobs = plan.SETTINGS[arm.setting]
+            assert c.data.synthetic_near_prob == knobs.near_prob
+            for path, value in arm.overrides:
+                node = c
+                for p in path.split("."):
+                    node = node[p]
+                assert node == value
+    tiny = plan.PRESETS["tiny"]
+    pano = worker.build_config(tiny, plan.arm_by_name("pano"), 0, str(tmp_path))
+    assert resolve_srm_train_masks(pano)[0] == "predicted"  # no instances JSON
+    full = worker.build_config(tiny, plan.arm_by_name("full_gt"), 0, str(tmp_path))
+    assert resolve_srm_train_masks(full)[0] == "gt"
+    bad = plan.Arm("bad", "", (("model.no_such_field", 1),))
+    with pytest.raises(KeyError, match="model.no_such_field"):
+        worker.build_config(plan.PRESETS["tiny"], bad, 0, str(tmp_path))
+    with pytest.raises(ValueError, match="unknown study arm"):
+        plan.arm_by_name("nope")
+
+
+def test_contact_share_by_hand():
+    import numpy as np
+
+    ids = np.zeros((4, 6), np.int64)
+    ids[:, :2], ids[:, 2:4], ids[:, 4:] = 1, 2, 3
+    # 1 (person) touches 2 (tie); 2 touches 3 (another person): all three touch another class.
+    assert report.contact_share(ids, {1: 1, 2: 5, 3: 1}) == (3, 3)
+    # Same class neighbours do not count; 0 (void/stuff) is not a thing.
+    assert report.contact_share(ids, {1: 1, 2: 1}) == (0, 2)
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
+    # The runs are subprocesses on one CPU device (the suite's fake device count is not theirs).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    out, results, figures = tmp_path / "study", tmp_path / "RESULTS.md", tmp_path / "fig"
+    argv = ["--out", str(out), "--preset", "tiny", "--arms", "full_gt", "--seeds", "0",
+            "--results", str(results), "--figures", str(figures)]  # fmt: skip
+    assert study_main.main(argv) == 0
+    text = results.read_text()
+    full = json.loads((out / "runs" / "full_gt" / "seed0" / "result.json").read_text())
+    assert full["step"] == 2 and set(full["eval"]["panoptic"]) == {"score", "srm"}
+    assert full["eval"]["occlusion"]["images"] == 8
+    assert full["srm_train_masks"] == "gt"
+    assert set(full["merge_variants"]) == set(worker.MERGE_VARIANTS)
+    pq = full["eval"]["panoptic"]["score"]["PQ"]
+    assert f"| baseline: full masks, score order | 1 | {pq:.1f} |" in text
+    assert "Not run yet:" in text and "lambda_0.5 seed 0" in text
+    assert (figures / "study_curves.svg").exists()
+    assert (out / "data" / "default-seed0.stats.json").exists()
+    # A rerun skips the finished runs and rewrites the same report.
+    mtime = os.path.getmtime(out / "runs" / "full_gt" / "seed0" / "result.json")
+    capsys.readouterr()
+    assert study_main.main(argv) == 0
+    assert capsys.readouterr().out.count("done (skipped)") == 1
+    assert os.path.getmtime(out / "runs" / "full_gt" / "seed0" / "result.json") == mtime
+    assert results.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
