@@ -127,7 +127,7 @@ def test_input_section_tiny(coco_sample_dir):
         image_size=(128, 128), min_size_train=(96,), max_size=128, max_instances=40, mask_size=8
     )
     r = input_bench.run(
-        copies=2,
+        copies=3,
         batch_size=2,
         batches_per_call=1,
         repeats=1,
@@ -135,11 +135,14 @@ def test_input_section_tiny(coco_sample_dir):
         data=data,
         sample=coco_sample_dir,
     )
-    assert r["images"] == 4 and r["cores"] >= 1
+    assert r["images"] == 6 and r["cores"] >= 1
     for name in ("stream_instances_json", "stream_png"):
         s = r[name]
         assert s["images_per_s"] > 0 and s["ratio_to_bare_decode"] > 0
         assert s["images_per_s_per_core"] == pytest.approx(s["images_per_s"] / r["cores"])
+        # 3 batches per epoch: 1 warm-up + 1 timed inside the first epoch, then a cached epoch.
+        assert s["first_epoch"] and s["cached_epoch"]["repeats"] == 1
+        assert s["cached_epoch"]["ratio_to_bare_decode"] > 0
     assert r["bare_decode_images_per_s"] > 0
     # The wire ships the source-size canvas (the sample's largest image, 427 x 640, rounded up
     # to 448 x 640); the finished batch is the 128 x 128 spec.
