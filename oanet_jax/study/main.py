@@ -3,7 +3,7 @@
 Usage::
 
     oanet-study --out workdir/study [--preset full] [--arms full_gt,pano] [--seeds 0,1,2]
-        [--results docs/RESULTS.md] [--figures docs/figures]
+        [--results docs/RESULTS.md] [--figures docs/figures] [--dry-run] [--report-only]
 
 For every (arm, seed) of the plan (`oanet_jax.study.plan`), in order: the dataset of the arm's
 benchmark setting and seed is generated once (``OUT/data/<setting>-seed<k>``, with its generator
@@ -88,6 +88,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", default="docs/RESULTS.md", help="the report written")
     p.add_argument("--figures", default="docs/figures", help="the report's figures")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from the finished runs under --out; run nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",") if s) or None
     todo = plan.runs(preset, arms, seeds)
     out = os.path.abspath(args.out)
+    if args.report_only:
+        report.write(out, preset, args.results, args.figures)
+        print(f"Report {args.results} from the finished runs under {out}", flush=True)
+        return 0
     if args.dry_run:
         for arm, seed in todo:
             done = os.path.exists(os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE))

@@ -75,3 +75,8 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.count("done (skipped)") == 1
     assert os.path.getmtime(out / "runs" / "full_gt" / "seed0" / "result.json") == mtime
     assert results.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+    # --report-only writes the same report elsewhere and runs nothing.
+    again = tmp_path / "again.md"
+    argv_report = [*argv[:-4], "--results", str(again), "--figures", str(figures), "--report-only"]
+    assert study_main.main(argv_report) == 0
+    assert again.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
