@@ -117,9 +117,9 @@ def stream_config(paths: dict[str, str], *, instances: bool, data: dict[str, Any
 
 def run(
     *,
-    copies: int = 64,
+    copies: int = 128,
     batch_size: int = 2,
-    batches_per_call: int = 8,
+    batches_per_call: int = 16,
     repeats: int = 3,
     warmup_batches: int = 4,
     data: dict[str, Any] | None = None,
@@ -128,7 +128,7 @@ def run(
     """Times the training stream and bare decoding (see the module docstring).
 
     Args:
-        copies: replication factor of the sample (2 images each); the default 64 keeps the
+        copies: replication factor of the sample (2 images each); the default 128 keeps the
             timed calls inside the first epoch.
         batch_size: per-host batch of the stream.
         batches_per_call: batches per timed call of the stream.

@@ -13,7 +13,7 @@ Sections (one module each in `oanet_jax.bench`, each with ``run() -> dict``):
   profile the train step broken into its parts (time and XLA FLOPs of each) beside torchvision's
          pieces, a plain ResNet-50 + FPN on both sides, and the avoidable costs of issue 10
          (512x512, batch 2 by default: `--set size=1024 --set batch=1`)
-  input  the training stream at paper defaults on the real COCO sample replicated 64 times vs
+  input  the training stream at paper defaults on the real COCO sample replicated 128 times vs
          bare single-threaded PIL decoding of the same JPEG + PNG files: images/s, per core,
          ratio (first epoch, and a whole cached epoch), bytes per example
   comms  bytes of all-reduce / all-gather / reduce-scatter per ResNet-50 train step on a
