@@ -159,16 +159,31 @@ def _paired(
 
 
 def _verdict(diffs: Sequence[float], spread: float, paper: str) -> str:
+    """One claim check: the mean paired difference, against the seed spread and the paper's
+    difference (``paper`` like '+2.9 PQ-Th'; its sign is compared, 0 meaning 'unchanged')."""
     if not diffs:
         return "not measured (runs missing)"
     mean = float(np.mean(diffs))
     per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+    try:
+        ref = float(paper.split()[0])
+    except ValueError:
+        ref = None
     if not np.isfinite(spread):
         return f"{mean:+.1f} (one seed: {per_seed}; no spread to compare with); paper {paper}"
-    size = "more" if abs(mean) > spread else "not more"
+    beyond = abs(mean) > spread
+    size = "more" if beyond else "not more"
+    if ref is None:
+        agree = ""
+    elif ref == 0.0:
+        agree = ": agrees (unchanged)" if not beyond else ": disagrees (the paper: unchanged)"
+    elif not beyond:
+        agree = ": no measurable difference, where the paper has one"
+    else:
+        agree = ": agrees in sign" if mean * ref > 0 else ": the opposite sign, disagrees"
     return (
         f"{mean:+.1f} (per seed {per_seed}), {size} than the seed spread {spread:.1f}; "
-        f"paper {paper}"
+        f"paper {paper}{agree}"
     )
 
 
