@@ -234,41 +234,32 @@ def _table3(results) -> list[str]:
     return lines
 
 
+def _check(a, ga, b, gb, paper: str) -> str:
+    """`_verdict` of ``gb(b) - ga(a)`` per seed against the spread of both rows."""
+    return _verdict(_paired(a, b, ga, gb), _spread(_values(a, ga), _values(b, gb)), paper)
+
+
 def _claims(results) -> list[str]:
     full, pano, pred = (_get(results, n) for n in ("full_gt", "pano", "full_pred"))
     lines = ["## The claims, checked", ""]
-    th = ("PQ_th", "PQ_st", "PQ")
-
-    def spread(runs_a, ga, runs_b, gb):
-        return _spread(_values(runs_a, ga), _values(runs_b, gb))
-
+    srm_gain = {"PQ_th": "+2.9 PQ-Th", "PQ_st": "+0.0 PQ-St", "PQ": "+1.8 PQ"}
     for label, runs in (("full masks, SRM on GT", full), ("full masks, SRM on predicted", pred)):
-        for m, paper in zip(th, ("+2.9 PQ-Th", "+0.0 PQ-St", "+1.8 PQ"), strict=True):
-            d = _paired(runs, runs, _pq("score", m), _pq("srm", m))
-            s = spread(runs, _pq("score", m), runs, _pq("srm", m)) if runs else float("nan")
-            lines.append(f"- {label}: SRM minus score ordering, {m}: {_verdict(d, s, paper)}.")
+        for m, paper in srm_gain.items():
+            check = _check(runs, _pq("score", m), runs, _pq("srm", m), paper)
+            lines.append(f"- {label}: SRM minus score ordering, {m}: {check}.")
     for m in ("PQ_th", "PQ"):
-        d = _paired(pano, pano, _pq("score", m), _pq("srm", m))
-        s = spread(pano, _pq("score", m), pano, _pq("srm", m)) if pano else float("nan")
+        check = _check(pano, _pq("score", m), pano, _pq("srm", m), "n/a (not in the paper)")
         lines.append(
             f"- panoptic-only data, SRM trained on predicted masks minus score ordering, {m}: "
-            f"{_verdict(d, s, 'n/a (not in the paper)')}."
+            f"{check}."
         )
     paper_visible = {"PQ_th": "-1.9 PQ-Th", "PQ": "-1.1 PQ"}
     paper_visible_srm = {"PQ_th": "-4.8 PQ-Th", "PQ": "-2.9 PQ"}
     for m in ("PQ_th", "PQ"):
-        d = _paired(full, pano, _pq("score", m), _pq("score", m))
-        s = spread(full, _pq("score", m), pano, _pq("score", m)) if full else float("nan")
-        lines.append(
-            f"- visible minus full masks, both with score ordering, {m}: "
-            f"{_verdict(d, s, paper_visible[m])}."
-        )
-        d = _paired(full, pano, _pq("srm", m), _pq("score", m))
-        s = spread(full, _pq("srm", m), pano, _pq("score", m)) if full else float("nan")
-        lines.append(
-            f"- visible masks + score minus full masks + SRM, {m}: "
-            f"{_verdict(d, s, paper_visible_srm[m])}."
-        )
+        check = _check(full, _pq("score", m), pano, _pq("score", m), paper_visible[m])
+        lines.append(f"- visible minus full masks, both with score ordering, {m}: {check}.")
+        check = _check(full, _pq("srm", m), pano, _pq("score", m), paper_visible_srm[m])
+        lines.append(f"- visible masks + score minus full masks + SRM, {m}: {check}.")
     lines.append("")
     return lines
 
