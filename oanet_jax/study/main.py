@@ -3,7 +3,8 @@
 Usage::
 
     oanet-study --out workdir/study [--preset full] [--arms full_gt,pano] [--seeds 0,1,2]
-        [--results docs/RESULTS.md] [--figures docs/figures] [--dry-run] [--report-only]
+        [--results docs/RESULTS.md] [--figures docs/figures] [--record docs/study/full]
+        [--fresh] [--dry-run] [--report-only]
 
 For every (arm, seed) of the plan (`oanet_jax.study.plan`), in order: the dataset of the arm's
 benchmark setting and seed is generated once (``OUT/data/<setting>-seed<k>``, with its generator
@@ -13,6 +14,14 @@ own process (`oanet_jax.study.worker`, log in ``OUT/runs/<arm>/seed<k>/log.txt``
 checkpoint. After every run the report (`oanet_jax.study.report`) is rewritten from all finished
 runs, so it always shows what has been measured; a failed run is reported with its log and the
 study goes on (exit status 1 at the end).
+
+The record (``--record``, by default ``docs/study/<preset>/<arm>/seed<k>.json``, in the
+repository) keeps a copy of every finished run's ``result.json``. A run that is recorded but not
+finished under ``--out`` (a fresh clone, another machine) is restored from its record and counts
+as finished, so the study accumulates over sessions that each run some of it (the whole 'full'
+preset takes longer than one sitting on a 2-core CPU); its dataset is drawn again from its seed
+for the report's statistics and figures. ``--fresh`` ignores the record and reruns everything
+(the new results overwrite the record).
 """
 
 from __future__ import annotations
@@ -20,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 from oanet_jax.study import plan, report, worker
 
-__all__ = ["ensure_data", "main"]
+__all__ = ["ensure_data", "main", "record_path", "restore_records"]
 
 
 def ensure_data(out: str, preset: plan.Preset, setting: str, seed: int) -> str:
@@ -54,12 +64,52 @@ def ensure_data(out: str, preset: plan.Preset, setting: str, seed: int) -> str:
         knobs=plan.SETTINGS[setting],
     )
     if os.path.isdir(root):  # a copy without statistics (e.g. written by the training loop)
-        import shutil
-
         shutil.rmtree(root)
     os.replace(tmp, root)
     write_json(stats_path, stats, indent=1)
     return root
+
+
+def record_path(record: str, arm: plan.Arm, seed: int) -> str:
+    """Where the record keeps the result of (arm, seed)."""
+    return os.path.join(record, arm.name, f"seed{int(seed)}.json")
+
+
+def restore_records(
+    out: str, preset: plan.Preset, record: str, todo: list[tuple[plan.Arm, int]]
+) -> list[tuple[plan.Arm, int]]:
+    """Copies the recorded results of runs not finished under `out` into their run folders.
+
+    A record of another preset is refused (ValueError naming the file): its numbers would be
+    reported as this preset's.
+
+    Returns:
+      the restored (arm, seed) pairs.
+    """
+    restored = []
+    for arm, seed in todo:
+        src = record_path(record, arm, seed)
+        dst = os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE)
+        if os.path.exists(dst) or not os.path.exists(src):
+            continue
+        with open(src) as f:
+            r = json.load(f)
+        if (r.get("preset"), r.get("arm"), r.get("seed")) != (preset.name, arm.name, seed):
+            raise ValueError(
+                f"{src}: records preset {r.get('preset')!r}, arm {r.get('arm')!r}, seed "
+                f"{r.get('seed')!r}, not {preset.name!r}, {arm.name!r}, {seed}"
+            )
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, dst)
+        restored.append((arm, seed))
+    return restored
+
+
+def _record(out: str, record: str, arm: plan.Arm, seed: int) -> None:
+    """Copies a finished run's result into the record."""
+    dst = record_path(record, arm, seed)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copyfile(os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE), dst)
 
 
 def _run_one(out: str, preset: plan.Preset, arm: plan.Arm, seed: int) -> tuple[bool, float]:
@@ -87,6 +137,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
     p.add_argument("--results", default="docs/RESULTS.md", help="the report written")
     p.add_argument("--figures", default="docs/figures", help="the report's figures")
+    p.add_argument(
+        "--record", default="", help="finished runs' results (default: docs/study/<preset>)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="ignore the record: rerun what --out has not finished"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument(
         "--report-only",
@@ -105,14 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",") if s) or None
     todo = plan.runs(preset, arms, seeds)
     out = os.path.abspath(args.out)
-    if args.report_only:
-        report.write(out, preset, args.results, args.figures)
-        print(f"Report {args.results} from the finished runs under {out}", flush=True)
-        return 0
+    record = args.record or os.path.join("docs", "study", preset.name)
     if args.dry_run:
         for arm, seed in todo:
             done = os.path.exists(os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE))
-            print(f"{arm.name} seed {seed}: {'done' if done else 'to run'}")
+            kept = not args.fresh and os.path.exists(record_path(record, arm, seed))
+            print(f"{arm.name} seed {seed}: {'done' if done else 'recorded' if kept else 'to run'}")
+        return 0
+    if not args.fresh:
+        for arm, seed in restore_records(out, preset, record, todo):
+            ensure_data(out, preset, arm.setting, seed)
+            print(f"{arm.name} seed {seed}: restored from {record}", flush=True)
+    for arm, seed in todo:  # finished here before the record existed (or under --fresh)
+        finished = os.path.join(worker.run_dir(out, arm, seed), worker.RESULT_FILE)
+        if os.path.exists(finished) and (
+            args.fresh or not os.path.exists(record_path(record, arm, seed))
+        ):
+            _record(out, record, arm, seed)
+    if args.report_only:
+        report.write(out, preset, args.results, args.figures)
+        print(f"Report {args.results} from the finished runs under {out}", flush=True)
         return 0
     failed = []
     study_start = time.perf_counter()
@@ -124,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_data(out, preset, arm.setting, seed)
         ok, seconds = _run_one(out, preset, arm, seed)
         if ok:
+            _record(out, record, arm, seed)
             with open(os.path.join(workdir, worker.RESULT_FILE)) as f:
                 pan = json.load(f)["eval"]["panoptic"]
             pq = ", ".join(f"PQ ({o}) {r['PQ']:.1f}" for o, r in pan.items())

@@ -193,7 +193,7 @@ def _verdict(diffs: Sequence[float], spread: float, paper: str) -> str:
 def _row(title: str, runs, ordering: str, paper: Sequence[float] | None = None, n=5) -> str:
     cells = [_ms(_values(runs, _pq(ordering, m))) for m in METRICS[:n]]
     seeds = len(runs)
-    paper_cells = [f"{v:.1f}" for v in paper] if paper else ["-"] * 3
+    paper_cells = [f"{v:.1f}" for v in paper] if paper else ["-"] * n
     return f"| {title} | {seeds} | " + " | ".join(cells + paper_cells) + " |"
 
 

@@ -54,8 +54,10 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     # The runs are subprocesses on one CPU device (the suite's fake device count is not theirs).
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     out, results, figures = tmp_path / "study", tmp_path / "RESULTS.md", tmp_path / "fig"
+    record = tmp_path / "record"
     argv = ["--out", str(out), "--preset", "tiny", "--arms", "full_gt", "--seeds", "0",
-            "--results", str(results), "--figures", str(figures)]  # fmt: skip
+            "--record", str(record), "--results", str(results),
+            "--figures", str(figures)]  # fmt: skip
     assert study_main.main(argv) == 0
     text = results.read_text()
     full = json.loads((out / "runs" / "full_gt" / "seed0" / "result.json").read_text())
@@ -66,6 +68,10 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     pq = full["eval"]["panoptic"]["score"]["PQ"]
     assert f"| baseline: full masks, score order | 1 | {pq:.1f} |" in text
     assert "Not run yet:" in text and "lambda_0.5 seed 0" in text
+    not_run = "| visible masks, SRM trained on GT (seams only) | 0 |" + " not run |" * 5
+    assert not_run + " - |" * 5 in text
+    recorded = record / "full_gt" / "seed0.json"
+    assert json.loads(recorded.read_text()) == full
     assert (figures / "study_curves.svg").exists()
     assert (out / "data" / "default-seed0.stats.json").exists()
     # A rerun skips the finished runs and rewrites the same report.
@@ -80,3 +86,17 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     argv_report = [*argv[:-4], "--results", str(again), "--figures", str(figures), "--report-only"]
     assert study_main.main(argv_report) == 0
     assert again.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+    # A fresh --out (a fresh clone) restores the recorded run instead of training it again.
+    argv_new = [a if a != str(out) else str(tmp_path / "new") for a in argv]
+    capsys.readouterr()
+    assert study_main.main(argv_new) == 0
+    printed = capsys.readouterr().out
+    assert "restored from" in printed and "done (skipped)" in printed
+    assert not (tmp_path / "new" / "runs" / "full_gt" / "seed0" / "checkpoints").exists()
+    assert results.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+    # A record of another preset is refused, naming its file.
+    other = json.loads(recorded.read_text())
+    other["preset"] = "full"
+    recorded.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seed0.json: records preset 'full'"):
+        study_main.main([a if a != str(out) else str(tmp_path / "newer") for a in argv])
