@@ -198,12 +198,18 @@ class EvalRunner:
             batch_keys=batch_keys,
         )
         self._dataset = None
+        self._control: pipeline.PipelineControl | None = None
         self._finish = device_transform.make_finisher(
             TransformConfig.from_config(config.data), self.infer.data, keys=("image",)
         )
 
-    def _batches(self):
+    def _batches(self) -> pipeline.NumpyBatches:
+        """A pass over the eval split; a bad record raises the pipeline's own error (a
+        ``DataError`` naming the file and the record), not TensorFlow's wrapper."""
         if self._dataset is None:
+            self._control = pipeline.PipelineControl(
+                "eval", bool(self.config.data.skip_bad_records)
+            )
             self._dataset = pipeline.build_dataset(
                 self.config,
                 "eval",
@@ -212,8 +218,9 @@ class EvalRunner:
                 seed=int(self.config.seed),
                 process_index=0,
                 process_count=1,
+                control=self._control,
             )
-        return self._dataset.as_numpy_iterator()
+        return pipeline.NumpyBatches(self._dataset, self._control)
 
     def run(
         self,

@@ -195,3 +195,24 @@ def test_device_pq_backend_equals_host(tiny_setup, tmp_path):
     dev = runner.device_pq
     assert dev.canvas == SIZE and dev.max_segments >= 1
     assert runner.infer._jitted._cache_size() == 1  # the padded last batch did not recompile
+
+
+def test_bad_eval_image_raises_data_error_naming_it(tiny_setup, tmp_path):
+    """A corrupt image of the eval split stops the evaluation with the reader's DataError
+    (file and record named, the skip hint), not TensorFlow's wrapper of it."""
+    import shutil
+
+    from oanet_jax.data.coco_panoptic import DataError
+
+    config, model, variables, root = tiny_setup
+    bad_root = tmp_path / "data"
+    shutil.copytree(root, bad_root)
+    name = sorted((bad_root / "val" / "images").iterdir())[1]
+    name.write_bytes(name.read_bytes()[:40])
+    config = copy.deepcopy(config)
+    config.data.root = str(bad_root)
+    runner = ev_lib.EvalRunner(config, model)
+    with pytest.raises(DataError) as info:
+        runner.run(variables, 1, str(tmp_path / "eval"))
+    text = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
+    assert name.name in text and "skip_bad_records" in text, text
