@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.path.join(workdir, worker.RESULT_FILE)) as f:
                 pan = json.load(f)["eval"]["panoptic"]
             pq = ", ".join(f"PQ ({o}) {r['PQ']:.1f}" for o, r in pan.items())
-            print(f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: {pq} ({seconds:.0f} s)")
+            print(
+                f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: {pq} ({seconds:.0f} s)", flush=True
+            )
         else:
             failed.append((arm.name, seed))
             print(

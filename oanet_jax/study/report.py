@@ -548,6 +548,18 @@ def _intro(out: str, preset: plan.Preset, results, failed) -> list[str]:
         "initialisation. Metrics in percent, mean ± sample std over seeds.",
         "",
     ]
+    versions: dict[str, int] = {}
+    for v in results.values():
+        for r in v.values():
+            c = r.get("commit")
+            key = c.split("+")[0][:12] + c[40:] if c else "not recorded"
+            versions[key] = versions.get(key, 0) + 1
+    lines += [
+        "Code of the runs (git commit; the record keeps runs of earlier sessions): "
+        + ", ".join(f"{k} ({n} runs)" for k, n in sorted(versions.items()))
+        + ".",
+        "",
+    ]
     if failed:
         lines += [
             "Failed runs (see their log.txt): " + ", ".join(f"{a} seed {s}" for a, s in failed),

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 
 from oanet_jax.study import plan
 
-__all__ = ["MERGE_VARIANTS", "build_config", "data_root", "main", "run", "run_dir"]
+__all__ = ["MERGE_VARIANTS", "build_config", "code_version", "data_root", "main", "run", "run_dir"]
 
 # Merge options evaluated on the final checkpoint of the arms with `merge_variants` (issue 11
 # item 3); the defaults of config.eval are the first row of the study's merge table.
@@ -79,6 +80,25 @@ def build_config(
     config.eval.at_end = False
     config.checkpoint.every_steps = 100
     return config
+
+
+def code_version() -> str | None:
+    """The git commit of the code that runs (``+dirty`` with uncommitted changes to tracked
+    files), or None outside a git checkout: results recorded in different sessions say which
+    code produced them."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", here, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _train_summary(metrics_file: str) -> dict[str, Any]:
@@ -157,6 +177,8 @@ def run(preset: plan.Preset, arm: plan.Arm, seed: int, out: str) -> dict[str, An
         "seed": int(seed),
         "setting": arm.setting,
         "preset": preset.name,
+        "commit": code_version(),
+        "finished": time.strftime("%Y-%m-%d"),
         "step": int(step),
         "srm_train_masks": resolve_srm_train_masks(config)[0],
         "eval": {k: main[k] for k in ("panoptic", "bbox", "segm", "stuff", "occlusion")},
