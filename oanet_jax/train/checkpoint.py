@@ -579,6 +579,32 @@ def steps_in(workdir: str) -> Sequence[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+def _restore_replicated(path: str, shardings: Any) -> Any:
+    """The converted checkpoint at `path`, every array replicated on the mesh of `shardings`.
+
+    The restore names its target shardings (from the checkpoint's own shapes and dtypes), so it
+    does not depend on the devices the converter saved from: on several hosts each process
+    reads the arrays onto its devices of the training mesh (no orbax "Sharding info not
+    provided" fallback to the saving topology).
+    """
+    mesh = next(
+        s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        tree = checkpointer.metadata(os.path.abspath(path))
+        tree = getattr(tree, "item_metadata", tree)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+            dict(tree),
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+        )
+        return checkpointer.restore(os.path.abspath(path), target)
+    finally:
+        checkpointer.close()
+
+
 def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
     """Overlays converted weights (`oanet-convert` output) on a fresh state.
 
@@ -602,11 +628,7 @@ def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:
       CheckpointMismatchError: a path of the checkpoint is not in the model, or its shape differs
         (all offending paths listed).
     """
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        loaded = checkpointer.restore(os.path.abspath(path))
-    finally:
-        checkpointer.close()
+    loaded = _restore_replicated(path, state_sharding)
     problems: list[str] = []
     counts = {"params": 0, "batch_stats": 0}
 

@@ -290,6 +290,48 @@ def test_init_from_pretrained_overlays_subtree(tmp_path):
         ckpt_lib.init_from_pretrained(state, shardings, bad_path)
 
 
+_RESTORE_ON_TWO_DEVICES = """
+import sys
+import numpy as np, jax
+from jax.sharding import Mesh
+sys.path.insert(0, {tests!r})
+from test_checkpoint import _make_state
+from oanet_jax.train import checkpoint as ckpt_lib
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1), ("data", "model"))
+state, shardings = _make_state(mesh, step=0)
+out = ckpt_lib.init_from_pretrained(state, shardings, {path!r})
+kernel = out.params["conv"]["kernel"]
+assert kernel.sharding == shardings.params["conv"]["kernel"], kernel.sharding
+np.testing.assert_array_equal(kernel, np.arange(288, dtype=np.float32).reshape(3, 3, 4, 8))
+print("restored on", len(jax.devices()), "devices")
+"""
+
+
+def test_init_from_pretrained_on_another_topology(tmp_path):
+    """Weights converted (saved) sharded over this process's 8 devices initialise a run on 2
+    devices: the restore names its targets (orbax refuses a topology change without them)."""
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+    from subprocess_env import subprocess_env
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("model",))
+    kernel = np.arange(288, dtype=np.float32).reshape(3, 3, 4, 8)
+    sharded = jax.device_put(kernel, NamedSharding(mesh, P(None, None, None, "model")))
+    path = str(tmp_path / "converted")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {"params": {"conv": {"kernel": sharded}}})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    code = _RESTORE_ON_TWO_DEVICES.format(tests=os.path.dirname(__file__), path=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(2), capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "restored on 2 devices" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_init_from_pretrained_fills_the_stuff_backbone(tmp_path):
     """model.sharing='none': a backbone-only checkpoint initialises the stuff branch's ResNet."""
     import orbax.checkpoint as ocp
