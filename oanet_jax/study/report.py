@@ -552,10 +552,12 @@ def _intro(out: str, preset: plan.Preset, results, failed) -> list[str]:
     for v in results.values():
         for r in v.values():
             c = r.get("commit")
-            key = c.split("+")[0][:12] + c[40:] if c else "not recorded"
+            key = c.split("+")[0][:12] + c[40:] if c else "commit not recorded"
+            key += f" on {r.get('machine', 'a machine not recorded')}"
             versions[key] = versions.get(key, 0) + 1
     lines += [
-        "Code of the runs (git commit; the record keeps runs of earlier sessions): "
+        "Code and machine of the runs (the record keeps runs of earlier sessions; one seed "
+        "gives slightly different numbers on a CPU with another instruction set): "
         + ", ".join(f"{k} ({n} runs)" for k, n in sorted(versions.items()))
         + ".",
         "",

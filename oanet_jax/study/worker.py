@@ -25,7 +25,16 @@ import numpy as np
 
 from oanet_jax.study import plan
 
-__all__ = ["MERGE_VARIANTS", "build_config", "code_version", "data_root", "main", "run", "run_dir"]
+__all__ = [
+    "MERGE_VARIANTS",
+    "build_config",
+    "code_version",
+    "data_root",
+    "machine",
+    "main",
+    "run",
+    "run_dir",
+]
 
 # Merge options evaluated on the final checkpoint of the arms with `merge_variants` (issue 11
 # item 3); the defaults of config.eval are the first row of the study's merge table.
@@ -99,6 +108,20 @@ def code_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    """The CPU the run trained on, with whether it has AVX-512: XLA's CPU code (and so the
+    float rounding of a run) depends on the instruction set, so one seed gives slightly
+    different numbers on another machine."""
+    from oanet_jax.bench.timing import cpu_name
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = "avx512f" in f.read()
+    except OSError:
+        avx512 = False
+    return f"{cpu_name()}, {os.cpu_count()} cores, AVX-512 {'yes' if avx512 else 'no'}"
 
 
 def _train_summary(metrics_file: str) -> dict[str, Any]:
@@ -178,6 +201,7 @@ def run(preset: plan.Preset, arm: plan.Arm, seed: int, out: str) -> dict[str, An
         "setting": arm.setting,
         "preset": preset.name,
         "commit": code_version(),
+        "machine": machine(),
         "finished": time.strftime("%Y-%m-%d"),
         "step": int(step),
         "srm_train_masks": resolve_srm_train_masks(config)[0],

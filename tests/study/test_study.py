@@ -65,6 +65,7 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     assert full["eval"]["occlusion"]["images"] == 8
     assert full["srm_train_masks"] == "gt"
     assert full["commit"] == worker.code_version() and full["commit"][:12] in text
+    assert full["machine"] == worker.machine() and f"on {full['machine']} (1 runs)" in text
     assert set(full["merge_variants"]) == set(worker.MERGE_VARIANTS)
     pq = full["eval"]["panoptic"]["score"]["PQ"]
     assert f"| baseline: full masks, score order | 1 | {pq:.1f} |" in text
