@@ -20,8 +20,8 @@ Benchmark settings (`SETTINGS`) were fixed before any study result was seen:
   must be read from the image.
 
 Sizes (`PRESETS`): 'full' is the README main command's (128x128 images, ResNet-18 + GN, 400 steps
-of batch 8 on 1000 images): 5-7 min a run on a 2-core CPU, about 4.5 hours for the 45 runs, so
-it is run in parts (``--arms``) and accumulates in the repository's record of finished runs
+of batch 8 on 1000 images): 5-11 min a run on the 2-core VMs seen so far, 4.5-7 hours for the 45
+runs, so it is run in parts (``--arms``) and accumulates in the repository's record of finished runs
 (`oanet_jax.study.main`). 'short' fits the 45 runs in about 2 hours on that CPU: the 'tiny'
 backbone (one basic block per stage, widths 8-64; 0.40 s per step of batch 8 vs ResNet-18's 0.77
 s), 200 steps, 500 training images. It is a check that the whole plan runs, not a measurement:
