@@ -311,15 +311,21 @@ def _merge(results) -> list[str]:
         "the first row is `config.eval`'s default: thing pixels to the best stuff class, stuff "
         "area limit per class in original-image pixels).",
         "",
-        "| merge | PQ | PQ_th | PQ_st |",
-        "|---|---|---|---|",
-        "| default | " + " | ".join(_ms(_values(runs, _pq("srm", m))) for m in METRICS[:3]) + " |",
+        "| merge | PQ | PQ_th | PQ_st | PQ minus default, per seed |",
+        "|---|---|---|---|---|",
+        "| default | "
+        + " | ".join(_ms(_values(runs, _pq("srm", m))) for m in METRICS[:3])
+        + " | |",
     ]
     for name in worker.MERGE_VARIANTS:
         cells = [
             _ms(_values(runs, lambda r, m=m, n=name: r["merge_variants"][n]["srm"][m]))
             for m in METRICS[:3]
         ]
+        diffs = _paired(
+            runs, runs, _pq("srm", "PQ"), lambda r, n=name: r["merge_variants"][n]["srm"]["PQ"]
+        )
+        cells.append(", ".join(f"{d:+.2f}" for d in diffs) or "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
