@@ -27,6 +27,7 @@ from oanet_jax.study import plan
 
 __all__ = [
     "MERGE_VARIANTS",
+    "RunInterrupted",
     "build_config",
     "code_version",
     "data_root",
@@ -45,6 +46,10 @@ MERGE_VARIANTS: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 RESULT_FILE = "result.json"
+
+
+class RunInterrupted(RuntimeError):
+    """Training was stopped by a signal before its last step (the run resumes on a rerun)."""
 
 
 def run_dir(out: str, arm: plan.Arm, seed: int) -> str:
@@ -182,6 +187,13 @@ def run(preset: plan.Preset, arm: plan.Arm, seed: int, out: str) -> dict[str, An
     start = time.perf_counter()
     trained = train_and_evaluate(config, workdir)
     train_seconds = time.perf_counter() - start
+    if trained.get("stopped_by"):
+        # A stop signal ends training early with a checkpoint and status 0: the run is not
+        # finished (no result.json), and the next study run resumes it from that checkpoint.
+        raise RunInterrupted(
+            f"{arm.name} seed {seed}: training stopped by {trained['stopped_by']} at step "
+            f"{trained.get('step')}; rerun the study to resume it from {workdir}"
+        )
     model = build_model(config)
     variables, step = restore_variables(workdir, None, expected=abstract_variables(config, model))
     main = _evaluate(

@@ -102,3 +102,18 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     recorded.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="seed0.json: records preset 'full'"):
         study_main.main([a if a != str(out) else str(tmp_path / "newer") for a in argv])
+
+
+def test_interrupted_training_is_not_a_finished_run(tmp_path, monkeypatch):
+    """A run whose training a signal stopped early (checkpoint saved, status 0) writes no
+    result.json, so the study reruns (resumes) it instead of reporting an unfinished model."""
+    from oanet_jax.train import loop
+
+    def stopped(config, workdir):
+        return {"stopped_by": "SIGTERM", "step": 1, "metrics_file": ""}
+
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped)
+    preset, arm = plan.PRESETS["tiny"], plan.arm_by_name("full_gt")
+    with pytest.raises(worker.RunInterrupted, match="stopped by SIGTERM at step 1"):
+        worker.run(preset, arm, 0, str(tmp_path))
+    assert not os.path.exists(os.path.join(worker.run_dir(str(tmp_path), arm, 0), "result.json"))
