@@ -80,8 +80,8 @@ def restore_records(
 ) -> list[tuple[plan.Arm, int]]:
     """Copies the recorded results of runs not finished under `out` into their run folders.
 
-    A record of another preset is refused (ValueError naming the file): its numbers would be
-    reported as this preset's.
+    A record of another preset, arm or seed, or of a model before the run's last step, is refused
+    (ValueError naming the file): its numbers would be reported as this run's.
 
     Returns:
       the restored (arm, seed) pairs.
@@ -98,6 +98,12 @@ def restore_records(
             raise ValueError(
                 f"{src}: records preset {r.get('preset')!r}, arm {r.get('arm')!r}, seed "
                 f"{r.get('seed')!r}, not {preset.name!r}, {arm.name!r}, {seed}"
+            )
+        steps = int(worker.build_config(preset, arm, seed, out).train.num_steps)
+        if r.get("step") != steps:
+            raise ValueError(
+                f"{src}: records a model of step {r.get('step')}, the run trains {steps} steps "
+                "(an interrupted run recorded as finished?)"
             )
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copyfile(src, dst)

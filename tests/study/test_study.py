@@ -102,6 +102,10 @@ def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     recorded.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="seed0.json: records preset 'full'"):
         study_main.main([a if a != str(out) else str(tmp_path / "newer") for a in argv])
+    other.update(preset="tiny", step=1)
+    recorded.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seed0.json: records a model of step 1, the run trains 2"):
+        study_main.main([a if a != str(out) else str(tmp_path / "newest") for a in argv])
 
 
 def test_interrupted_training_is_not_a_finished_run(tmp_path, monkeypatch):
