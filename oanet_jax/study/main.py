@@ -20,8 +20,8 @@ repository) keeps a copy of every finished run's ``result.json``. A run that is 
 finished under ``--out`` (a fresh clone, another machine) is restored from its record and counts
 as finished, so the study accumulates over sessions that each run some of it (the whole 'full'
 preset takes longer than one sitting on a 2-core CPU); its dataset is drawn again from its seed
-for the report's statistics and figures. ``--fresh`` ignores the record and reruns everything
-(the new results overwrite the record).
+for the report's statistics and figures. ``--fresh`` ignores the record: every run not finished
+under ``--out`` is trained again, and its new result overwrites the record.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ runs, so it is run in parts (``--arms``) and accumulates in the repository's rec
 backbone (one basic block per stage, widths 8-64; 0.40 s per step of batch 8 vs ResNet-18's 0.77
 s), 200 steps, 500 training images. It is a check that the whole plan runs, not a measurement:
 measured on full_gt seed 0 it reached PQ 48.6 (score order) / 48.2 (SRM), 206 s, where 'full'
-gives 68.1 / 72.4 (mean of three seeds); shorter schedules with ResNet-18 diverged (warm-up 20
-steps) or stay near PQ 40-60 (the main command's PQ at steps 100-200). 'tiny' is for tests.
+gives 68.4 / 73.0 (mean of three seeds, docs/RESULTS.md); shorter schedules with ResNet-18
+diverged (warm-up 20 steps) or stay near PQ 40-60 (the main command's PQ at steps 100-200).
+'tiny' is for tests.
 """
 
 from __future__ import annotations
