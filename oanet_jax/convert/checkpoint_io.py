@@ -211,11 +211,11 @@ def save_variables(variables: dict[str, Any], out_dir: str, force: bool = False)
 
 
 def load_variables(out_dir: str) -> dict[str, Any]:
-    """Reads a checkpoint written by `save_variables`: ``{'params': ..., 'batch_stats': ...}``."""
-    import orbax.checkpoint as ocp
+    """Reads a checkpoint written by `save_variables`: ``{'params': ..., 'batch_stats': ...}``.
 
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        return checkpointer.restore(str(pathlib.Path(out_dir).resolve()))
-    finally:
-        checkpointer.close()
+    Every array lands on this process's first local device, whatever devices it was saved from.
+    """
+    from oanet_jax.train import checkpoint as ckpt_lib
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return ckpt_lib.restore_standard(str(pathlib.Path(out_dir).resolve()), device)

@@ -579,30 +579,43 @@ def steps_in(workdir: str) -> Sequence[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def _restore_replicated(path: str, shardings: Any) -> Any:
-    """The converted checkpoint at `path`, every array replicated on the mesh of `shardings`.
+def restore_standard(path: str, sharding: jax.sharding.Sharding) -> Any:
+    """A ``StandardCheckpointer`` checkpoint (`oanet-convert` output), every array on `sharding`.
 
-    The restore names its target shardings (from the checkpoint's own shapes and dtypes), so it
-    does not depend on the devices the converter saved from: on several hosts each process
-    reads the arrays onto its devices of the training mesh (no orbax "Sharding info not
-    provided" fallback to the saving topology).
+    The restore names its target sharding (built from the checkpoint's own shapes and dtypes), so
+    it does not depend on the devices the checkpoint was saved from: no orbax "Sharding info not
+    provided" fallback to the saving topology, which fails on another one.
+
+    Args:
+      path: the checkpoint folder.
+      sharding: where every array lands (e.g. replicated on the training mesh, or one device).
+
+    Returns:
+      The checkpoint's pytree of ``jax.Array``.
     """
-    mesh = next(
-        s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)
-    )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     checkpointer = ocp.StandardCheckpointer()
     try:
         tree = checkpointer.metadata(os.path.abspath(path))
         tree = getattr(tree, "item_metadata", tree)
         target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
             dict(tree),
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
         )
         return checkpointer.restore(os.path.abspath(path), target)
     finally:
         checkpointer.close()
+
+
+def _restore_replicated(path: str, shardings: Any) -> Any:
+    """The converted checkpoint at `path`, every array replicated on the mesh of `shardings`.
+
+    On several hosts each process reads the arrays onto its devices of the training mesh.
+    """
+    mesh = next(
+        s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.NamedSharding)
+    )
+    return restore_standard(path, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def init_from_pretrained(state: Any, state_sharding: Any, path: str) -> Any:

@@ -155,8 +155,17 @@ def _full_state(workdir, step):
 
     path = pathlib.Path(workdir) / ckpt_lib.CHECKPOINT_DIR / str(step) / ckpt_lib.STATE_ITEM
     with ocp.PyTreeCheckpointer() as c:
-        tree = c.restore(str(path))
-    return jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, tree))[0]
+        meta = c.metadata(str(path))
+        meta = getattr(meta, "item_metadata", meta)
+        # Host numpy arrays: the restore names its target type, so orbax does not fall back to
+        # the saving topology's shardings.
+        as_numpy = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+            dict(meta),
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+        )
+        tree = c.restore(str(path), restore_args=as_numpy)
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _assert_same_state(a, b):
