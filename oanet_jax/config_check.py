@@ -26,6 +26,7 @@ The architecture check (a checkpoint of another architecture) lives with the che
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
@@ -146,18 +147,17 @@ def _train_batch_problems(
     data_axis, problem = _data_axis_size(config, num_devices)
     if problem:
         return [problem]
-    problems = []
-    if batch % data_axis:
-        problems.append(
-            f"train.batch_size={batch}: must be divisible by the size of the 'data' mesh axis, "
-            f"{data_axis} (sharding.mesh_shape={tuple(config.sharding.mesh_shape)} over "
-            f"{num_devices} devices); e.g. {data_axis * max(1, round(batch / data_axis))}"
-        )
-    if batch % process_count:
-        problems.append(
-            f"train.batch_size={batch}: must be divisible by the {process_count} processes"
-        )
-    return problems
+    from oanet_jax.train.sharding import batch_split_problems
+
+    problems = batch_split_problems(batch, process_count, data_axis)
+    if not problems:
+        return []
+    step = math.lcm(process_count, data_axis)
+    return [
+        f"train.batch_size={batch}: must be divisible by {' and by '.join(problems)} "
+        f"(sharding.mesh_shape={tuple(config.sharding.mesh_shape)} over {num_devices} devices); "
+        f"e.g. {step * max(1, round(batch / step))}"
+    ]
 
 
 def _image_size_problems(config: Any) -> list[str]:

@@ -35,7 +35,11 @@ def _tiny(tmp_path: pathlib.Path):
     [
         ("batch_size", -4, r"train\.batch_size=-4: must be a positive integer"),
         ("batch_size", 0, r"train\.batch_size=0: must be a positive integer"),
-        ("batch_size", 12, r"train\.batch_size=12: must be divisible by .* 'data' mesh axis, 8"),
+        (
+            "batch_size",
+            12,
+            r"train\.batch_size=12: must be divisible by the 8-way 'data' axis .*e\.g\. 16",
+        ),
     ],
 )
 def test_train_batch_rules(tmp_path, field, value, match):
@@ -44,6 +48,18 @@ def test_train_batch_rules(tmp_path, field, value, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(config, "train", num_devices=8, process_count=1)
     validate_config(config, "eval", num_devices=8)  # the training batch is not the eval's
+
+
+def test_batch_divisible_by_the_processes_too(tmp_path):
+    config = _tiny(tmp_path)
+    config.train.batch_size = 6
+    config.sharding.mesh_shape = (1, -1)  # 'data' axis 1: only the 4 processes must divide it
+    with pytest.raises(
+        ConfigError, match=r"batch_size=6: must be divisible by 4 processes \(.*\); e\.g\. 8"
+    ):
+        validate_config(config, "train", num_devices=8, process_count=4)
+    config.train.batch_size = 12
+    validate_config(config, "train", num_devices=8, process_count=4)
 
 
 def test_batch_divisible_by_the_data_axis_not_all_devices(tmp_path):

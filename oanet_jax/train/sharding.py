@@ -200,6 +200,30 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: put(v) for k, v in batch.items()}
 
 
+def batch_split_problems(global_batch: int, processes: int, data_axis: int) -> list[str]:
+    """What cannot split a global batch evenly: the one rule of the batch's divisibility.
+
+    The global batch is split over the processes (each reads its own shard of the input) and
+    over the 'data' mesh axis; both must divide it (`host_batch_size` at run time,
+    `oanet_jax.config_check` before anything is read).
+
+    Args:
+      global_batch: ``config.train.batch_size``.
+      processes: the process count.
+      data_axis: the size of the mesh's 'data' axis.
+
+    Returns:
+      Descriptions of what does not divide it ("3 processes", "the 3-way 'data' axis"); empty
+      when the batch splits.
+    """
+    problems = []
+    if global_batch % processes:
+        problems.append(f"{processes} processes")
+    if global_batch % data_axis:
+        problems.append(f"the {data_axis}-way '{DATA_AXIS}' axis")
+    return problems
+
+
 def host_batch_size(global_batch: int, mesh: Mesh) -> int:
     """This process's share of the global batch, after checking that the mesh can hold it.
 
@@ -219,24 +243,21 @@ def host_batch_size(global_batch: int, mesh: Mesh) -> int:
         a checkpoint of global batch 8 resumed on a 3-way 'data' axis), naming the sizes that
         would work.
     """
-    processes = jax.process_count()
-    data = int(mesh.shape.get(DATA_AXIS, 1))
-    problems = []
-    if global_batch % processes:
-        problems.append(f"{processes} processes")
-    if global_batch % data:
-        problems.append(f"the {data}-way '{DATA_AXIS}' axis of mesh {dict(mesh.shape)}")
+    problems = batch_split_problems(
+        global_batch, jax.process_count(), int(mesh.shape.get(DATA_AXIS, 1))
+    )
     if problems:
         divisors = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
         raise ValueError(
             f"train.batch_size (global batch) {global_batch} cannot be split evenly over "
-            f"{' and '.join(problems)}. A resumed run keeps the checkpoint's global batch so that "
-            f"it continues the same data stream: choose a slice / sharding.mesh_shape whose "
+            f"{' and '.join(problems)} (mesh {dict(mesh.shape)}). A resumed run keeps the "
+            "checkpoint's global batch so that it continues the same data stream: choose a "
+            "slice / sharding.mesh_shape whose "
             f"process count and '{DATA_AXIS}' axis divide {global_batch} (one of {divisors}), "
             "or set train.batch_size explicitly (the data stream then differs from the "
             "original run's)."
         )
-    return global_batch // processes
+    return global_batch // jax.process_count()
 
 
 def distributed_kwargs(sharding_config: Any) -> dict[str, Any]:
