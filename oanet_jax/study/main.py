@@ -4,7 +4,7 @@ Usage::
 
     oanet-study --out workdir/study [--preset full] [--arms full_gt,pano] [--seeds 0,1,2]
         [--results docs/RESULTS.md] [--figures docs/figures] [--record docs/study/full]
-        [--fresh] [--dry-run] [--report-only]
+        [--fresh] [--budget MINUTES] [--dry-run] [--report-only]
 
 For every (arm, seed) of the plan (`oanet_jax.study.plan`), in order: the dataset of the arm's
 benchmark setting and seed is generated once (``OUT/data/<setting>-seed<k>``, with its generator
@@ -21,7 +21,9 @@ finished under ``--out`` (a fresh clone, another machine) is restored from its r
 as finished, so the study accumulates over sessions that each run some of it (the whole 'full'
 preset takes longer than one sitting on a 2-core CPU); its dataset is drawn again from its seed
 for the report's statistics and figures. ``--fresh`` ignores the record: every run not finished
-under ``--out`` is trained again, and its new result overwrites the record.
+under ``--out`` is trained again, and its new result overwrites the record. ``--budget MINUTES``
+fits a sitting: no run is started that would end after them (by the median time of the runs so
+far, `expected_seconds`); the report is written and the same command later goes on.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 from oanet_jax.study import plan, report, worker
 
-__all__ = ["ensure_data", "main", "record_path", "restore_records"]
+__all__ = ["ensure_data", "expected_seconds", "main", "record_path", "restore_records"]
 
 
 def ensure_data(out: str, preset: plan.Preset, setting: str, seed: int) -> str:
@@ -135,6 +138,23 @@ def _run_one(out: str, preset: plan.Preset, arm: plan.Arm, seed: int) -> tuple[b
     return proc.returncode == 0, time.perf_counter() - start
 
 
+def expected_seconds(record: str, preset: plan.Preset, this_sitting: list[float]) -> float:
+    """How long the next run is expected to take: the median of the runs timed so far.
+
+    The runs of this sitting when there are any (this machine, now), else the recorded runs of
+    the preset (their ``seconds``), else 0 (nothing known: the budget alone decides).
+    """
+    times = list(this_sitting)
+    if not times:
+        for arm in plan.ARMS:
+            for seed in preset.seeds:
+                path = record_path(record, arm, seed)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        times.append(float(json.load(f).get("seconds", 0.0)))
+    return float(statistics.median(times)) if times else 0.0
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="workdir/study", help="runs and data (resumable)")
@@ -148,6 +168,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--fresh", action="store_true", help="ignore the record: rerun what --out has not finished"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="minutes: start no run that would end after them (0: no limit; see expected_seconds)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument(
@@ -188,15 +214,30 @@ def main(argv: list[str] | None = None) -> int:
         report.write(out, preset, args.results, args.figures)
         print(f"Report {args.results} from the finished runs under {out}", flush=True)
         return 0
-    failed = []
+    failed, timed = [], []
     study_start = time.perf_counter()
     for k, (arm, seed) in enumerate(todo):
         workdir = worker.run_dir(out, arm, seed)
         if os.path.exists(os.path.join(workdir, worker.RESULT_FILE)):
             print(f"[{k + 1}/{len(todo)}] {arm.name} seed {seed}: done (skipped)", flush=True)
             continue
+        elapsed = time.perf_counter() - study_start
+        expected = expected_seconds(record, preset, timed)
+        if args.budget > 0 and elapsed + expected > args.budget * 60:
+            left = sum(
+                not os.path.exists(os.path.join(worker.run_dir(out, a, s), worker.RESULT_FILE))
+                for a, s in todo[k:]
+            )
+            print(
+                f"Budget of {args.budget:g} min: {elapsed / 60:.1f} min spent, a run takes about "
+                f"{expected / 60:.1f}; stopping before {arm.name} seed {seed} ({left} runs left: "
+                "the same command goes on from there)",
+                flush=True,
+            )
+            break
         ensure_data(out, preset, arm.setting, seed)
         ok, seconds = _run_one(out, preset, arm, seed)
+        timed.append(seconds)
         if ok:
             _record(out, record, arm, seed)
             with open(os.path.join(workdir, worker.RESULT_FILE)) as f:

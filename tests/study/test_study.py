@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -121,3 +122,31 @@ def test_interrupted_training_is_not_a_finished_run(tmp_path, monkeypatch):
     with pytest.raises(worker.RunInterrupted, match="stopped by SIGTERM at step 1"):
         worker.run(preset, arm, 0, str(tmp_path))
     assert not os.path.exists(os.path.join(worker.run_dir(str(tmp_path), arm, 0), "result.json"))
+
+
+def test_budget_starts_no_run_that_would_end_after_it(tmp_path, capsys):
+    record = tmp_path / "record"
+    tiny = plan.PRESETS["tiny"]
+    assert study_main.expected_seconds(str(record), tiny, []) == 0.0  # nothing known
+    for seed, seconds in ((1, 100.0), (0, 300.0)):  # lambda_0.5 is not among the runs below
+        path = pathlib.Path(
+            study_main.record_path(str(record), plan.arm_by_name("lambda_0.5"), seed)
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": seconds}))
+    assert study_main.expected_seconds(str(record), tiny, []) == 200.0  # the record's median
+    assert (
+        study_main.expected_seconds(str(record), tiny, [30.0, 10.0, 20.0]) == 20.0
+    )  # this sitting
+    out, results = tmp_path / "study", tmp_path / "RESULTS.md"
+    argv = ["--out", str(out), "--preset", "tiny", "--arms", "full_gt", "--seeds", "0,1",
+            "--record", str(record), "--results", str(results),
+            "--figures", str(tmp_path / "fig"), "--budget", "3"]  # fmt: skip
+    assert study_main.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "Budget of 3 min: 0.0 min spent, a run takes about 3.3; stopping before full_gt " in printed
+    )
+    assert "seed 0 (2 runs left" in printed
+    assert not (out / "runs").exists()  # nothing was started
+    assert "full_gt seed 0, full_gt seed 1" in results.read_text()  # the report says what is left
