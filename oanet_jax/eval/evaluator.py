@@ -17,7 +17,8 @@ n: ``process(inputs, outputs)`` of each evaluator with host numpy arrays. Then e
 `report.write_report` writes ``results.json``, ``results.md`` and the scalars.
 
 Evaluation is single-process: the whole split is read on this host (``process_count=1``); the
-batch is split over the local devices. On a multi-host run, call it from one process.
+batch is split over the local devices. On a multi-host run, call it from one process (as
+evaluation during training does, `oanet_jax.train.periodic_eval`).
 """
 
 from __future__ import annotations
@@ -279,7 +280,10 @@ class EvalRunner:
             if index >= num_batches:
                 break
             if spec.is_wire(batch):  # the image finished on the device, where inference runs
-                batch = {**batch, **self._finish(batch)}
+                # Placed on the (local) eval mesh first: a multi-process runtime takes numpy
+                # inputs of a jit as global arrays.
+                wire = {k: batch[k] for k in spec.WIRE_DEVICE_KEYS}
+                batch = {**batch, **self._finish(jax.device_put(wire, self.infer.data))}
             if self.device_pq is not None:
                 batch = {**batch, **self.device_pq.batch_arrays(batch)}
             out = self.infer(variables, batch)  # asynchronous: the host work below overlaps it

@@ -13,8 +13,12 @@ ground truth and the compiled inference across evaluations. Per evaluation:
   ``best_fn``; one checkpoint kept there, besides the periodic ones). `oanet-evaluate
   --checkpoint best` evaluates it.
 
-Evaluation is single-process (`evaluate_params`); in a multi-process run it is skipped with a
-warning (evaluate the checkpoints with `oanet-evaluate`).
+Several processes: every process gathers the live variables to its host
+(`sharding.gather_to_host`), process 0 evaluates them on its own devices as one process would
+(`evaluate_params`: the whole eval split read there, the same results as `oanet-evaluate` of the
+checkpoint) while the others wait at a barrier, and the results reach every process
+(`sharding.broadcast_from_main`), so that all of them take the same best-checkpoint decision and
+save it together (orbax multi-process). The evaluation's time is not divided over the hosts.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-from absl import logging
 
 from oanet_jax.common.metric_writer import MetricWriter
 from oanet_jax.train import checkpoint as ckpt_lib
+from oanet_jax.train import sharding as sharding_lib
 
 __all__ = ["PeriodicEvaluation"]
 
@@ -36,7 +40,7 @@ class PeriodicEvaluation:
     """When to evaluate, the evaluation itself, its scalars and the best checkpoint.
 
     Attributes:
-      enabled: False when no evaluation is configured (or in a multi-process run).
+      enabled: False when no evaluation is configured.
       last: the results of the latest evaluation (None before the first).
     """
 
@@ -64,13 +68,6 @@ class PeriodicEvaluation:
                 f"of eval.orderings {tuple(e.orderings)}, e.g. 'srm/PQ'"
             )
         self.enabled = self.every > 0 or self.at_end
-        if self.enabled and jax.process_count() > 1:
-            logging.warning(
-                "Evaluation during training is single-process: skipped in this %d-process run; "
-                "evaluate the checkpoints with oanet-evaluate.",
-                jax.process_count(),
-            )
-            self.enabled = False
         self.best_manager = (
             ckpt_lib.TrainCheckpointManager.best_from_config(config, workdir)
             if self.enabled
@@ -83,8 +80,9 @@ class PeriodicEvaluation:
         """Whether to evaluate after `step` (``final``: the last step of the run)."""
         if not self.enabled or step <= 0 or step in self._done:
             return False
-        if final and self.at_end:
-            return not os.path.exists(self._dir(step, "results.json"))  # not again on a rerun
+        if final and self.at_end:  # not again on a rerun; process 0's workdir decides for all
+            done = os.path.exists(self._dir(step, "results.json"))
+            return not sharding_lib.broadcast_from_main(done, f"eval_done_{step}")
         return self.every > 0 and step % self.every == 0
 
     def _dir(self, step: int, *names: str) -> str:
@@ -101,11 +99,13 @@ class PeriodicEvaluation:
         Returns:
           `evaluate_params`'s results, plus 'best' ({'step', 'value', 'metric'}) and 'saved_best'.
         """
-        from oanet_jax.eval.evaluator import evaluate_params
         from oanet_jax.eval.report import result_scalars
 
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results = evaluate_params(self.config, variables, step, self._dir(step), model=self.model)
+        if jax.process_count() > 1:
+            results = self._evaluate_on_main(step, variables)
+        else:
+            results = self._evaluate(step, variables)
         self.writer.write(step, {f"eval/{k}": v for k, v in result_scalars(results).items()})
         value = float(results["panoptic"][self.ordering][self.key])
         saved = self.best_manager.save_if_best(step, state, metadata, value)
@@ -116,6 +116,29 @@ class PeriodicEvaluation:
         )
         self._done.add(step)
         self.last = results
+        return results
+
+    def _evaluate(self, step: int, variables: Any) -> dict[str, Any]:
+        from oanet_jax.eval.evaluator import evaluate_params
+
+        return evaluate_params(self.config, variables, step, self._dir(step), model=self.model)
+
+    def _evaluate_on_main(self, step: int, variables: Any) -> dict[str, Any]:
+        """Several processes: process 0 evaluates, every process gets its results (or its error,
+        so that none waits for results that will not come)."""
+        variables = sharding_lib.gather_to_host(variables)
+        results, error = None, None
+        if jax.process_index() == 0:
+            try:
+                results = self._evaluate(step, variables)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others heard
+                error = e
+        failure = f"{type(error).__name__}: {error}" if error is not None else None
+        results, failure = sharding_lib.broadcast_from_main((results, failure), f"eval_{step}")
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"the evaluation at step {step} failed on process 0: {failure}")
         return results
 
     def summary(self, results: Mapping[str, Any]) -> str:

@@ -354,6 +354,48 @@ def sync_processes(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     ocp.multihost.get_barrier_sync_fn()(key=f"oanet_{name}", timeout_ms=int(timeout_s * 1000))
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy, on every process (all processes must call it).
+
+    Global arrays spread over several processes' devices (the training state of a multi-host
+    run, replicated or sharded on 'model') are all-gathered; with one process the arrays are
+    only copied to the host.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def broadcast_from_main(obj: Any, name: str) -> Any:
+    """Process 0's `obj` (any picklable value) on every process; all processes must call it.
+
+    The processes first meet at the barrier ``name`` (`sync_processes`), so that process 0 may
+    arrive long after the others (e.g. from an evaluation that only it runs) without their
+    collective timing out.
+
+    Args:
+      obj: the value on process 0 (ignored elsewhere).
+      name: barrier name, unique per call in the process's life.
+
+    Returns:
+      Process 0's `obj`.
+    """
+    if jax.process_count() == 1:
+        return obj
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    sync_processes(name)
+    main = jax.process_index() == 0
+    data = np.frombuffer(pickle.dumps(obj), np.uint8) if main else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = data if main else np.zeros(size, np.uint8)
+    return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+
+
 def sync_after_first_compile(fn: Any, name: str) -> Any:
     """Wraps a jitted function: its first call compiles, waits for every process, then runs.
 
