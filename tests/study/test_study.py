@@ -50,6 +50,25 @@ def test_contact_share_by_hand():
     assert report.contact_share(ids, {1: 1, 2: 1}) == (0, 2)
 
 
+def test_hidden_share_by_hand():
+    instances = {
+        "annotations": [
+            {"id": 1, "image_id": 7, "area": 100, "iscrowd": 0},  # shows 49: hidden
+            {"id": 2, "image_id": 7, "area": 100, "iscrowd": 0},  # shows 50: not hidden
+            {"id": 3, "image_id": 7, "area": 40, "iscrowd": 0},  # no segment: fully hidden
+            {"id": 1, "image_id": 8, "area": 10, "iscrowd": 0},  # same id, other image: shows 10
+            {"id": 4, "image_id": 8, "area": 90, "iscrowd": 1},  # crowd: not counted
+        ]
+    }
+    panoptic = {
+        "annotations": [
+            {"image_id": 7, "segments_info": [{"id": 1, "area": 49}, {"id": 2, "area": 50}]},
+            {"image_id": 8, "segments_info": [{"id": 1, "area": 10}]},
+        ]
+    }
+    assert report.hidden_share(instances, panoptic) == (2, 4)
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_skips_and_reports(tmp_path, capsys, monkeypatch):
     # The runs are subprocesses on one CPU device (the suite's fake device count is not theirs).
