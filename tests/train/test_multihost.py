@@ -11,7 +11,8 @@ between the assertions:
   out on the mesh), NUM_STEPS steps.
 * A: ``scripts/train.py`` as two processes x 4 fake devices (``--config.sharding.*``), each with
   its own, not yet existing data root (no shared filesystem: each generates the dataset), NUM_STEPS
-  steps, evaluating during training (process 0 evaluates, both save the best checkpoint).
+  steps, evaluating during training at step 4 and at the end (process 0 evaluates, both save
+  the best checkpoint).
   Per-step losses equal REF's to 1e-5 relative; the evaluation's results equal one process's
   evaluation of A's checkpoint.
 * B: the same two-process command (one shared data root); SIGTERM to process 1 once process 0
@@ -54,7 +55,7 @@ from oanet_jax.train import state as state_lib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 6
 EVERY = 2  # checkpoint.every_steps
-EVAL_EVERY = 3  # run A's eval.every_steps (and eval.at_end)
+EVAL_EVERY = 4  # run A's eval.every_steps; eval.at_end evaluates step NUM_STEPS too
 LOSS_KEYS = ("rpn_cls", "rpn_box", "cls", "box", "mask", "seg", "srm", "total", "grad_norm")
 TOPOLOGY_WARNING = "Sharding info not provided"
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
