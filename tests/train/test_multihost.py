@@ -113,6 +113,66 @@ def test_synthetic_data_generated_by_each_process_without_shared_fs(tmp_path):
     assert not list(tmp_path.glob("host0/data.tmp-*"))
 
 
+_EVAL_ON_MAIN_SCRIPT = """
+import sys, types
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from configs import tiny
+from oanet_jax.common.metric_writer import MetricWriter
+from oanet_jax.train import sharding as sharding_lib
+from oanet_jax.train.periodic_eval import PeriodicEvaluation
+
+print("BROADCAST", sharding_lib.broadcast_from_main({"from": pid}, "test"), flush=True)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, PartitionSpec("data")), np.full((2,), pid, np.float32)
+)
+print("GATHERED", sharding_lib.gather_to_host({"x": x})["x"].tolist(), flush=True)
+config = tiny.get_config()
+config.data.root = workdir + "/no_data"  # process 0's evaluation fails: no ground truth
+config.eval.every_steps = 3
+evaluation = PeriodicEvaluation(config, workdir, None, MetricWriter(None, None, enabled=pid == 0))
+try:
+    evaluation.run(3, types.SimpleNamespace(params={}, batch_stats={}), {})
+except Exception as e:
+    print("ERROR", type(e).__name__, str(e), flush=True)
+evaluation.close()
+"""
+
+
+def test_process_0_evaluates_and_every_process_hears_the_outcome(tmp_path):
+    # A real two-process cluster (one CPU device each): process 0's value reaches both, a global
+    # array is gathered whole, and an evaluation that fails on process 0 stops both processes
+    # with its message instead of leaving process 1 waiting for results.
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EVAL_ON_MAIN_SCRIPT, str(port), str(i), str(tmp_path)],
+            env=subprocess_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    missing = f"panoptic ground-truth JSON {tmp_path}/no_data/"
+    for out in outs:  # each process's (2,) half of the (4,) global array
+        assert "BROADCAST {'from': 0}" in out, out[-2000:]
+        assert "GATHERED [0.0, 0.0, 1.0, 1.0]" in out, out[-2000:]
+    assert f"ERROR FileNotFoundError {missing}" in outs[0], outs[0][-2000:]
+    assert (
+        f"ERROR RuntimeError the evaluation at step 3 failed on process 0: FileNotFoundError: "
+        f"{missing}" in outs[1]
+    ), outs[1][-2000:]
+
+
 # -------------------------------------------------------------------------------- slow tests
 
 _REF_SCRIPT = """
