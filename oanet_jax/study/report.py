@@ -692,7 +692,12 @@ def _intro(out: str, preset: plan.Preset, results, failed) -> list[str]:
         f"{a.name} seed {s}" for a, s in plan.runs(preset) if s not in results.get(a.name, {})
     ]
     if missing:
-        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+        lines += [
+            f"Not run yet: {', '.join(missing)}. `oanet-study --preset {preset.name}` runs them "
+            "(the recorded runs are restored, not trained again; `--budget MINUTES` ends a "
+            "sitting between runs).",
+            "",
+        ]
     return lines
 
 
